@@ -1,0 +1,200 @@
+"""Build what a run needs, reusing what an earlier run built.
+
+Artifacts live under ``paths.root`` keyed by a hash of the config that made them:
+``corpus/synthetic-<hash>/`` and ``models/clean-<hash>/``. A directory is complete only once its
+``manifest.json`` / ``summary.json`` exists (written last), so an interrupted build is redone.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from rvpt import synthetic
+from rvpt.models import LoadedClip, load_clip, save_model_dir
+from rvpt.pretrain import train_contrastive
+from rvpt.shards import (ReadStats, SplitWriter, iter_batches, iter_samples, read_classes,
+                         read_manifest, split_urls, write_classes, write_manifest)
+from rvpt.zeroshot import class_embeddings, evaluate_accuracy
+
+from .config import Config, config_hash
+
+_IS_TTY = sys.stderr.isatty()
+
+
+def progress_bar(**kw) -> tqdm:
+    """tqdm that stays readable in logs (fewer refreshes outside a terminal)."""
+    return tqdm(mininterval=0.5 if _IS_TTY else 15.0, dynamic_ncols=True, file=sys.stderr, **kw)
+
+
+def set_threads(n: int = 0) -> None:
+    torch.set_num_threads(n or os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------- corpus
+
+def corpus_key(cfg: Config) -> str:
+    c = cfg.corpus.model_dump(exclude={"workers", "path", "kind"})
+    return config_hash({"generator": 1, **c})
+
+
+def _render_chunk(args) -> list:
+    seed, domain, split, indices, labels, kw = args
+    out = []
+    for i, lab in zip(indices, labels):
+        s = synthetic.render(seed, domain, split, i, label=lab, **kw)
+        out.append((s.key, s.png, s.caption, s.label, s.meta))
+    return out
+
+
+def _plan(cfg: Config) -> list[tuple[str, str, int]]:
+    c = cfg.corpus
+    C = c.num_classes
+    plan = [("base", "pretrain", c.n_pretrain), ("base", "fewshot", c.fewshot_per_class * C),
+            ("base", "test", c.test_per_class * C)]
+    if c.shifted:
+        plan += [("shift", "fewshot", c.fewshot_per_class * C), ("shift", "test", c.test_per_class * C)]
+    return [p for p in plan if p[2] > 0]
+
+
+def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
+    """Render the embedded benchmark into shards (cached). Returns a summary dict."""
+    c = cfg.corpus
+    out = cfg.root() / "corpus" / f"synthetic-{corpus_key(cfg)}"
+    if (out / "manifest.json").exists() and not force:
+        m = read_manifest(out)
+        return {"corpus_dir": str(out), "cached": True, **_corpus_counts(m)}
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_classes(tmp, synthetic.CLASSES[: c.num_classes], synthetic.PROMPT_TEMPLATES)
+    kw = dict(image_size=c.image_size, num_classes=c.num_classes, clutter=c.clutter, noise=c.noise)
+    splits: dict = {}
+    total = sum(n for _, _, n in _plan(cfg))
+    start = time.perf_counter()
+    chunk = 256
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(c.workers) if c.workers > 1 else None
+    try:
+        with progress_bar(total=total, desc="rendering corpus", unit="img") as bar:
+            for domain, split, n in _plan(cfg):
+                name = split if domain == "base" else f"{domain}_{split}"
+                labels = list(synthetic.split_labels(split, n, c.num_classes))
+                jobs = [(c.seed, domain, split, list(range(i, min(i + chunk, n))),
+                         labels[i:i + chunk], kw) for i in range(0, n, chunk)]
+                results = pool.imap(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
+                with SplitWriter(tmp, name, c.shard_size) as w:
+                    for rows in results:
+                        for key, png, caption, label, meta in rows:
+                            w.write(key, png, caption, label, meta)
+                        bar.update(len(rows))
+                splits[name] = {**w.info, "domain": domain}
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    wall = time.perf_counter() - start
+    write_manifest(tmp, splits, source="synthetic", config=c.model_dump(mode="json"),
+                   num_classes=c.num_classes, image_size=c.image_size,
+                   render_seconds=round(wall, 2), images_per_s=round(total / wall, 1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {"corpus_dir": str(out), "cached": False, "wall_s": round(wall, 2),
+            "images_per_s": round(total / wall, 1), **_corpus_counts(read_manifest(out))}
+
+
+def _corpus_counts(manifest: dict) -> dict:
+    return {"splits": {k: {"count": v["count"], "shards": len(v["shards"])}
+                       for k, v in manifest["splits"].items()},
+            "total": sum(v["count"] for v in manifest["splits"].values())}
+
+
+def resolve_corpus(cfg: Config) -> dict:
+    """The corpus a config names: build the synthetic one, or check an existing shard directory."""
+    if cfg.corpus.kind == "synthetic":
+        return build_synthetic_corpus(cfg)
+    path = Path(cfg.corpus.path)
+    read_classes(path)  # clear error when it is not a corpus
+    return {"corpus_dir": str(path), "cached": True, **_corpus_counts(read_manifest(path))}
+
+
+# ---------------------------------------------------------------- clean model
+
+def model_key(cfg: Config, corpus_dir: str) -> str:
+    return config_hash({"corpus": Path(corpus_dir).name, "model": cfg.model,
+                        "pretrain": cfg.pretrain.model_dump(exclude={"threads"}), "seed": cfg.seed})
+
+
+def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
+    """The clean CLIP a config names. Pretrains (cached) when ``pretrain.enabled`` and no weights
+    were given; otherwise loads the named weights. Returns a summary with ``model_dir`` or spec."""
+    m = cfg.model
+    if m.pretrained or m.checkpoint or not cfg.pretrain.enabled:
+        return {"model": m.name, "pretrained": m.pretrained, "checkpoint": m.checkpoint,
+                "trained": False}
+    out = cfg.root() / "models" / f"clean-{model_key(cfg, corpus['corpus_dir'])}"
+    if (out / "summary.json").exists() and not force:
+        return {**json.loads((out / "summary.json").read_text()), "cached": True}
+    set_threads(cfg.pretrain.threads)
+    torch.manual_seed(cfg.seed)
+    loaded = load_clip(m.name)
+    corpus_dir = corpus["corpus_dir"]
+    urls = split_urls(corpus_dir, "pretrain")
+    n = read_manifest(corpus_dir)["splits"]["pretrain"]["count"]
+    p = cfg.pretrain
+    steps_per_epoch = max(1, n // p.batch_size)
+    stats = ReadStats()
+
+    def epoch_batches(epoch: int):
+        samples = iter_samples(urls, loaded.image_size, stats=stats, shuffle_shards=True,
+                               seed=cfg.seed * 1000 + epoch)
+        return iter_batches(samples, p.batch_size, shuffle_buffer=p.shuffle_buffer,
+                            seed=cfg.seed * 1000 + epoch, drop_last=True)
+
+    bar = progress_bar(total=p.epochs * steps_per_epoch, desc="pretraining clean CLIP", unit="step")
+
+    def on_step(step, total, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    hist = train_contrastive(loaded, epoch_batches, p.epochs, steps_per_epoch, p.lr,
+                             p.weight_decay, p.warmup_steps, progress=on_step)
+    bar.close()
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(loaded, m.name, tmp)
+    cfg.dump(tmp / "config.yaml")
+    summary = {"model_dir": str(out), "model": m.name, "trained": True,
+               "pretrain_wall_s": round(hist.seconds, 1), "samples_per_s": round(hist.samples_per_s, 1),
+               "steps": hist.steps, "samples_seen": hist.samples,
+               "epoch_losses": [round(x, 4) for x in hist.losses], "read": stats.as_dict()}
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {**summary, "cached": False}
+
+
+def load_model(cfg: Config, model: dict) -> LoadedClip:
+    if model.get("model_dir"):
+        return load_clip(checkpoint=model["model_dir"])
+    return load_clip(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint)
+
+
+# ---------------------------------------------------------------- zero-shot CA
+
+def zero_shot(cfg: Config, loaded: LoadedClip, corpus_dir: str, split: str = "test") -> dict:
+    """Zero-shot clean accuracy on a split; returns ``{"ca": ..., "n": ..., "skipped": ...}``."""
+    info = read_classes(corpus_dir)
+    clf = class_embeddings(loaded, info.names, info.templates, ensemble=cfg.eval.prompt_ensemble)
+    stats = ReadStats()
+    samples = iter_samples(split_urls(corpus_dir, split), loaded.image_size, stats=stats)
+    with progress_bar(desc=f"zero-shot {split}", unit="img", leave=False) as bar:
+        res = evaluate_accuracy(loaded, iter_batches(samples, cfg.eval.batch_size), clf, bar)
+    return {"ca": res["acc"], "n": res["total"], "skipped": stats.skipped}

@@ -1,0 +1,56 @@
+"""Shared command-line plumbing for the thin entry points in ``jobs/``.
+
+Every job takes ``--config FILE``, ``key.sub=value`` overrides and ``--out FILE`` (a JSON summary),
+and turns user-caused errors into one clear line on stderr with exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from rvpt.models import ModelError
+from rvpt.shards import ShardError
+
+from .config import Config, ConfigError, load_config
+
+USER_ERRORS = (ConfigError, ModelError, ShardError)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    p.add_argument("--out", help="write a JSON summary to this file")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. pretrain.epochs=2 corpus.n_pretrain=1000")
+    return p
+
+
+def write_json(path: Optional[str], data: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def main(description: str, run: Callable[[Config, argparse.Namespace], dict],
+         argv: Optional[Sequence[str]] = None,
+         extra_args: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
+    """Parse arguments, load the config, call ``run(cfg, args)`` and write its summary."""
+    p = parser(description)
+    if extra_args:
+        extra_args(p)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = run(cfg, args)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished artifacts are kept; partial ones are rebuilt next time",
+              file=sys.stderr)
+        return 130
+    write_json(args.out, summary)
+    return 0

@@ -1,0 +1,172 @@
+"""Typed configuration: YAML files validated into pydantic models, with ``a.b=value`` overrides.
+
+One :class:`Config` object flows from the command line to every stage. A bad value fails at once
+with :class:`ConfigError`, whose message is one line naming the field.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; ``str(err)`` is one line naming the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CorpusConfig(_Strict):
+    """Where the data comes from: the embedded synthetic generator, or shards on disk."""
+
+    kind: Literal["synthetic", "shards"] = "synthetic"
+    path: Optional[str] = Field(None, description="corpus directory when kind=shards")
+    seed: int = 0
+    image_size: int = Field(32, ge=8, le=1024)
+    num_classes: int = Field(24, ge=2, description="synthetic: number of shape classes (max 24)")
+    n_pretrain: int = Field(40000, ge=0, description="synthetic: image-caption pairs for pretraining")
+    fewshot_per_class: int = Field(32, ge=1, description="synthetic: few-shot pool size per class")
+    test_per_class: int = Field(100, ge=1, description="synthetic: test images per class")
+    shifted: bool = Field(True, description="synthetic: also build the domain-shifted variant")
+    shard_size: int = Field(5000, ge=1, description="samples per tar shard")
+    clutter: int = Field(3, ge=0, le=20, description="synthetic: max clutter strokes per image")
+    noise: float = Field(0.03, ge=0.0, le=0.5, description="synthetic: pixel noise std (0-1 scale)")
+    workers: int = Field(2, ge=1, description="processes used to render")
+
+    @model_validator(mode="after")
+    def _check(self) -> "CorpusConfig":
+        if self.kind == "shards" and not self.path:
+            raise ValueError("corpus.path is required when corpus.kind=shards")
+        if self.kind == "synthetic" and self.num_classes > 24:
+            raise ValueError("num_classes: the synthetic generator has 24 classes at most")
+        return self
+
+
+class ModelConfig(_Strict):
+    """Which CLIP to start from: an open_clip architecture name, a pretrained tag or a checkpoint."""
+
+    name: str = "ViT-Tiny-12-p8-32"
+    pretrained: Optional[str] = Field(None, description="open_clip pretrained tag, e.g. openai")
+    checkpoint: Optional[str] = Field(
+        None, description="local weights: model dir, open_clip/OpenAI state dict, CleanCLIP ckpt"
+    )
+
+
+class PretrainConfig(_Strict):
+    """Contrastive pretraining of the clean model (embedded benchmark only)."""
+
+    enabled: bool = True
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    shuffle_buffer: int = Field(5000, ge=1)
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    prompt_ensemble: bool = Field(
+        False, description="average all class templates (True) or one prompt per class (paper)"
+    )
+
+
+class PathsConfig(_Strict):
+    root: str = Field("artifacts", description="where corpora, models and results are built")
+
+
+class Config(_Strict):
+    seed: int = 0
+    corpus: CorpusConfig = CorpusConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    eval: EvalConfig = EvalConfig()
+    paths: PathsConfig = PathsConfig()
+
+    def root(self) -> Path:
+        root = Path(self.paths.root)
+        return root if root.is_absolute() else (REPO_ROOT / root)
+
+    def dump(self, path: str | Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def config_hash(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (pydantic models are dumped first)."""
+    norm = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    blob = json.dumps(norm, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:10]
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    extra = ""
+    if "input" in first and not isinstance(first["input"], dict):
+        extra = f" (got {first['input']!r})"
+    more = f" [+{err.error_count() - 1} more]" if err.error_count() > 1 else ""
+    return f"config error: {loc}: {msg}{extra}{more}"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"config error: override {item!r} is not of the form key.sub=value")
+    key, _, raw = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"config error: override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Set ``a.b=value`` items into a nested dict (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"config error: {'.'.join(keys)}: {k} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (default: configs/default.yaml), apply overrides, validate."""
+    data: dict = {}
+    path = Path(path) if path else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"config error: file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+    data = apply_overrides(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None

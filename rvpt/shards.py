@@ -1,0 +1,357 @@
+"""WebDataset shards: writing corpora, and reading them as untrusted input.
+
+A corpus directory holds ``classes.json`` (class names and prompt templates), ``manifest.json``
+(splits, shard files, counts) and tar shards ``<split>-NNNNN.tar`` whose samples have ``__key__``,
+an image (``png`` or ``jpg``), ``txt`` caption, ``cls`` label and ``json`` metadata.
+
+Reading never decodes anything but those members: raw bytes in, images through PIL, text as UTF-8,
+labels as integers and metadata through ``json.loads``. Any other member (``.pkl``, ``.pth``, ...) is
+ignored and counted; a sample whose members are corrupt is skipped and counted.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+KNOWN_KEYS = set(IMAGE_KEYS) | {"txt", "cls", "json"}
+MANIFEST = "manifest.json"
+CLASSES_FILE = "classes.json"
+# Decompression-bomb guard: refuse absurd images rather than allocating gigabytes.
+Image.MAX_IMAGE_PIXELS = 64_000_000
+
+
+class ShardError(ValueError):
+    """A user-caused data error (missing corpus, unreadable manifest); one-line message."""
+
+
+class CorruptSample(ValueError):
+    """Raised by :func:`decode_sample` for a sample that cannot be decoded."""
+
+
+@dataclass
+class Sample:
+    key: str
+    image: torch.Tensor  # uint8 [3, H, W]
+    label: int
+    text: str
+    meta: dict
+
+
+@dataclass
+class ReadStats:
+    """What a read saw: decoded samples, skipped ones (with reasons), ignored members."""
+
+    samples: int = 0
+    skipped: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    ignored_members: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "skipped": self.skipped,
+                "skip_reasons": dict(self.reasons), "ignored_members": dict(self.ignored_members)}
+
+    def merge(self, other: "ReadStats") -> "ReadStats":
+        self.samples += other.samples
+        self.skipped += other.skipped
+        self.reasons.update(other.reasons)
+        self.ignored_members.update(other.ignored_members)
+        return self
+
+
+def encode_png(image: np.ndarray | torch.Tensor | Image.Image) -> bytes:
+    """PNG bytes of an HWC uint8 array, a CHW uint8 tensor or a PIL image (lossless)."""
+    if isinstance(image, torch.Tensor):
+        image = image.permute(1, 2, 0).cpu().numpy()
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image.astype(np.uint8))
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, image_size: Optional[int] = None) -> torch.Tensor:
+    """Decode image bytes to uint8 [3, H, W]; with ``image_size``, resize the short side and
+    centre-crop to a square (fixed shapes for batching)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            if image_size is not None and im.size != (image_size, image_size):
+                w, h = im.size
+                scale = image_size / min(w, h)
+                im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
+                               Image.BICUBIC)
+                w, h = im.size
+                left, top = (w - image_size) // 2, (h - image_size) // 2
+                im = im.crop((left, top, left + image_size, top + image_size))
+            arr = np.asarray(im, dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise CorruptSample(f"image: {type(e).__name__}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def decode_sample(raw: dict, image_size: Optional[int] = None,
+                  stats: Optional[ReadStats] = None) -> Sample:
+    """Decode one raw WebDataset sample (member name -> bytes). Only image/txt/cls/json members are
+    touched; anything else is ignored (and counted in ``stats``)."""
+    if stats is not None:
+        for k in raw:
+            if not k.startswith("__") and k.lower() not in KNOWN_KEYS:
+                stats.ignored_members[k] += 1
+    key = str(raw.get("__key__", "?"))
+    img_key = next((k for k in IMAGE_KEYS if raw.get(k) is not None), None)
+    if img_key is None:
+        raise CorruptSample("no image member")
+    image = decode_image(_as_bytes(raw[img_key]), image_size)
+    meta: dict = {}
+    if raw.get("json") is not None:
+        try:
+            meta = json.loads(_as_bytes(raw["json"]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptSample("json: not valid JSON") from None
+        if not isinstance(meta, dict):
+            raise CorruptSample("json: not an object")
+    label = -1
+    if raw.get("cls") is not None:
+        try:
+            label = int(_as_bytes(raw["cls"]).decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptSample("cls: not an integer") from None
+    text = ""
+    if raw.get("txt") is not None:
+        try:
+            text = _as_bytes(raw["txt"]).decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise CorruptSample("txt: not UTF-8") from None
+    return Sample(key=key, image=image, label=label, text=text, meta=meta)
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise CorruptSample(f"member is {type(value).__name__}, expected raw bytes")
+
+
+def _tar_handler(stats: ReadStats) -> Callable[[Exception], bool]:
+    def handler(exn: Exception) -> bool:
+        stats.skipped += 1
+        stats.reasons[f"tar: {type(exn).__name__}"] += 1
+        return True  # keep going
+    return handler
+
+
+def iter_samples(urls: Sequence[str], image_size: Optional[int] = None,
+                 stats: Optional[ReadStats] = None, shuffle_shards: bool = False,
+                 seed: int = 0) -> Iterator[Sample]:
+    """Stream decoded samples from shards (paths or any URL webdataset opens), skipping and counting
+    corrupt ones. No member ever reaches pickle or torch.load."""
+    stats = stats if stats is not None else ReadStats()
+    urls = list(urls)
+    if shuffle_shards:
+        urls = [urls[i] for i in np.random.default_rng(seed).permutation(len(urls))]
+    ds = wds.WebDataset(urls, shardshuffle=False, handler=_tar_handler(stats),
+                        empty_check=False, nodesplitter=None, workersplitter=None)
+    for raw in ds:  # raw bytes: no .decode() stage is ever added
+        try:
+            sample = decode_sample(raw, image_size, stats)
+        except CorruptSample as e:
+            stats.skipped += 1
+            stats.reasons[str(e)] += 1
+            continue
+        stats.samples += 1
+        yield sample
+
+
+def collate(samples: Sequence[Sample]) -> dict:
+    """Stack samples into a batch dict: ``image`` uint8 [B,3,H,W], ``label``, ``text``, ``key``,
+    ``meta``."""
+    return {"image": torch.stack([s.image for s in samples]),
+            "label": torch.tensor([s.label for s in samples], dtype=torch.long),
+            "text": [s.text for s in samples], "key": [s.key for s in samples],
+            "meta": [s.meta for s in samples]}
+
+
+def iter_batches(samples: Iterable[Sample], batch_size: int, shuffle_buffer: int = 0,
+                 seed: int = 0, drop_last: bool = False) -> Iterator[dict]:
+    """Batch a sample stream, optionally through a seeded shuffle buffer."""
+    rng = np.random.default_rng(seed)
+    buffer: list[Sample] = []
+    batch: list[Sample] = []
+
+    def emit(s: Sample):
+        batch.append(s)
+        if len(batch) == batch_size:
+            out = collate(batch)
+            batch.clear()
+            return out
+        return None
+
+    for s in samples:
+        if shuffle_buffer > 1:
+            buffer.append(s)
+            if len(buffer) < shuffle_buffer:
+                continue
+            s = buffer.pop(int(rng.integers(len(buffer))))
+        out = emit(s)
+        if out is not None:
+            yield out
+    rng.shuffle(buffer)
+    for s in buffer:
+        out = emit(s)
+        if out is not None:
+            yield out
+    if batch and not drop_last:
+        yield collate(batch)
+
+
+# ---------------------------------------------------------------- corpus directories
+
+@dataclass
+class ClassInfo:
+    names: list[str]
+    templates: list[str]
+
+    def prompts(self, template: Optional[str] = None) -> list[str]:
+        t = template or self.templates[0]
+        return [t.format(n) for n in self.names]
+
+
+def write_classes(corpus_dir: str | Path, names: Sequence[str], templates: Sequence[str]) -> None:
+    Path(corpus_dir).mkdir(parents=True, exist_ok=True)
+    (Path(corpus_dir) / CLASSES_FILE).write_text(
+        json.dumps({"classes": list(names), "templates": list(templates)}, indent=1))
+
+
+def read_classes(corpus_dir: str | Path) -> ClassInfo:
+    path = Path(corpus_dir) / CLASSES_FILE
+    if not path.exists():
+        raise ShardError(f"not a corpus directory (no {CLASSES_FILE}): {corpus_dir}")
+    try:
+        data = json.loads(path.read_text())
+        names = [str(n) for n in data["classes"]]
+        templates = [str(t) for t in data.get("templates") or ["a photo of a {}."]]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ShardError(f"{path} is not a valid classes file: {e}") from None
+    if not names:
+        raise ShardError(f"{path} lists no classes")
+    return ClassInfo(names=names, templates=templates)
+
+
+def read_manifest(corpus_dir: str | Path) -> dict:
+    path = Path(corpus_dir) / MANIFEST
+    if not path.exists():
+        raise ShardError(f"corpus is incomplete or missing (no {MANIFEST}): {corpus_dir}")
+    return json.loads(path.read_text())
+
+
+def split_urls(corpus_dir: str | Path, split: str) -> list[str]:
+    """Absolute shard paths of a split, from the manifest."""
+    manifest = read_manifest(corpus_dir)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise ShardError(f"corpus {corpus_dir} has no split {split!r}; it has: {', '.join(splits)}")
+    return [str(Path(corpus_dir) / s) for s in splits[split]["shards"]]
+
+
+class SplitWriter:
+    """Writes one split as ``<split>-NNNNN.tar`` shards through webdataset's ShardWriter."""
+
+    def __init__(self, corpus_dir: str | Path, split: str, shard_size: int):
+        self.dir = Path(corpus_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.split = split
+        self.count = 0
+        self.labels: Counter = Counter()
+        self._writer = wds.ShardWriter(str(self.dir / f"{split}-%05d.tar"), maxcount=shard_size,
+                                       verbose=0)
+
+    def write(self, key: str, image: bytes, text: str, label: int, meta: dict,
+              image_ext: str = "png") -> None:
+        self._writer.write({"__key__": key, image_ext: image, "txt": text.encode("utf-8"),
+                            "cls": str(int(label)).encode("ascii"),
+                            "json": json.dumps(meta).encode("utf-8")})
+        self.count += 1
+        self.labels[int(label)] += 1
+
+    def close(self) -> dict:
+        self._writer.close()
+        shards = sorted(p.name for p in self.dir.glob(f"{self.split}-*.tar"))
+        return {"count": self.count, "shards": shards,
+                "per_class": {str(k): v for k, v in sorted(self.labels.items())}}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.info = self.close()
+        else:
+            self._writer.close()
+
+
+def write_manifest(corpus_dir: str | Path, splits: dict, **extra) -> dict:
+    manifest = {"format": "rvpt-webdataset-v1", "splits": splits, **extra}
+    tmp = Path(corpus_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, Path(corpus_dir) / MANIFEST)
+    return manifest
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def imagefolder_to_shards(src: str | Path, out: str | Path, split: str = "test",
+                          shard_size: int = 5000, templates: Optional[Sequence[str]] = None,
+                          image_size: Optional[int] = None, caption_template: str = "a photo of a {}.",
+                          stats: Optional[ReadStats] = None) -> dict:
+    """Convert an ImageFolder-style directory (one sub-folder per class) into a corpus split.
+
+    Class names come from folder names (``_`` becomes a space), sorted. Unreadable images are
+    skipped and counted. With ``image_size`` images are resized/cropped; otherwise they are
+    re-encoded as PNG at their own size. Run once per split (e.g. ``train`` -> fewshot, ``val`` ->
+    test); the classes must agree between calls.
+    """
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ShardError(f"image folder not found: {src}")
+    folders = sorted(p for p in src.iterdir() if p.is_dir())
+    if not folders:
+        raise ShardError(f"{src} has no class sub-folders")
+    names = [p.name.replace("_", " ") for p in folders]
+    existing = out / CLASSES_FILE
+    if existing.exists():
+        if read_classes(out).names != names:
+            raise ShardError(f"classes in {src} differ from those already in {out}")
+    else:
+        write_classes(out, names, templates or ["a photo of a {}."])
+    stats = stats if stats is not None else ReadStats()
+    with SplitWriter(out, split, shard_size) as w:
+        for label, folder in enumerate(folders):
+            for path in sorted(folder.rglob("*")):
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                try:
+                    img = decode_image(path.read_bytes(), image_size)
+                except CorruptSample as e:
+                    stats.skipped += 1
+                    stats.reasons[str(e)] += 1
+                    continue
+                stats.samples += 1
+                key = f"{folder.name}-{path.relative_to(folder).with_suffix('')}".replace("/", "_")
+                w.write(key.replace(".", "_"), encode_png(img), caption_template.format(names[label]),
+                        label, {"class": names[label], "source": str(path.relative_to(src)),
+                                "poisoned": False})
+    manifest = read_manifest(out)["splits"] if (out / MANIFEST).exists() else {}
+    manifest[split] = w.info
+    write_manifest(out, manifest, source="imagefolder")
+    return {"split": split, **w.info, **stats.as_dict()}
