@@ -1,0 +1,45 @@
+import pytest
+
+from pipeline.config import Config, ConfigError, config_hash, load_config
+
+
+def test_default_config_loads_and_matches_models():
+    cfg = load_config()
+    assert cfg.model.name == "ViT-Tiny-12-p8-32"
+    assert cfg.corpus.num_classes == 24
+
+
+def test_overrides_are_typed():
+    cfg = load_config(None, ["pretrain.epochs=7", "corpus.noise=0.1", "model.pretrained=openai",
+                             "corpus.shifted=false"])
+    assert cfg.pretrain.epochs == 7 and cfg.corpus.noise == 0.1
+    assert cfg.model.pretrained == "openai" and cfg.corpus.shifted is False
+
+
+@pytest.mark.parametrize("override, field", [
+    ("pretrain.lr=abc", "pretrain.lr"),
+    ("pretrain.epochs=0", "pretrain.epochs"),
+    ("corpus.nosuch=1", "corpus.nosuch"),
+    ("corpus.kind=video", "corpus.kind"),
+    ("corpus.num_classes=99", "corpus"),
+])
+def test_bad_value_fails_with_one_line_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    msg = str(e.value)
+    assert "\n" not in msg and field in msg
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["pretrain.epochs"])
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["seed=3"])
+    cfg.dump(tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(load_config(None, ["seed=4"])) != config_hash(cfg)
