@@ -1,0 +1,36 @@
+"""Shared fixtures. Tests never touch the network: HF_HUB_OFFLINE is set unless a test unsets it."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Keep Ray on loopback and out of the user's /tmp/ray (see shared/reference/stack.md).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """One in-process local Ray instance for the whole session, on 127.0.0.1."""
+    import ray
+    from ray.data import DataContext
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 _temp_dir=str(Path("/tmp") / f"rvpt-ray-{os.getpid()}"), log_to_driver=False,
+                 configure_logging=False)
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def run_job(script: str, *args: str, cwd: Path = REPO, timeout: int = 600):
+    """Run ``python jobs/<script>`` as a user would; returns the CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
