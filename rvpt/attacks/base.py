@@ -1,0 +1,155 @@
+"""The attack registry and the contract every attack keeps.
+
+An attack is a trigger: typed parameters (pydantic, with the papers' defaults scaled to the image
+size), an optional ``fit`` step for optimised triggers, and ``apply`` on batches of float images in
+[0, 1]. Everything needed to re-apply the same trigger is saved as ``attack.json`` plus, for learned
+state, ``attack_tensors.safetensors`` beside it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors.torch import load_file, save_file
+
+ATTACK_FILE = "attack.json"
+TENSOR_FILE = "attack_tensors.safetensors"
+
+
+class AttackError(ValueError):
+    """A user-caused attack error (unknown name, nonsensical parameter); one-line message."""
+
+
+class AttackParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+ATTACKS: dict[str, type["Attack"]] = {}
+
+
+def register_attack(name: str):
+    """Class decorator: ``@register_attack("badnet")``."""
+    def deco(cls: type["Attack"]) -> type["Attack"]:
+        cls.name = name
+        ATTACKS[name] = cls
+        return cls
+    return deco
+
+
+class Attack:
+    """Base class. Subclasses set ``Params`` and implement ``_apply``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[AttackParams]] = AttackParams
+    #: whether ``fit`` must run (optimised triggers) before ``apply``
+    needs_fit: ClassVar[bool] = False
+
+    def __init__(self, image_size: int, seed: int = 0, **params: Any):
+        self.image_size = int(image_size)
+        self.seed = int(seed)
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "params"
+            raise AttackError(f"{self.name}: {loc}: {err['msg'].removeprefix('Value error, ')}"
+                              ) from None
+        self.fitted = not self.needs_fit
+        self.check()
+
+    # -- to override ---------------------------------------------------------------------------
+    def check(self) -> None:
+        """Reject parameters that make no sense for this image size (raise AttackError)."""
+
+    def fit(self, loaded, batches: Iterable[dict], target: int, class_names: list[str],
+            templates: list[str]) -> dict:
+        """Optimise the trigger against a clean model (optimised attacks only)."""
+        self.fitted = True
+        return {}
+
+    def _apply(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def apply_text(self, texts: list[str]) -> list[str]:
+        """The text half of a dual-key trigger (identity for image-only attacks)."""
+        return list(texts)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Learned or sampled state that ``attack.json`` cannot hold as plain values."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.fitted = True
+
+    # -- shared --------------------------------------------------------------------------------
+    def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Triggered copies of float images [B,3,H,W] in [0,1]. Per-image randomness (patch
+        position, noise) comes from a generator seeded by ``(attack seed, seed)``, so the same
+        call gives identical pixels."""
+        if not self.fitted:
+            raise AttackError(f"{self.name}: the trigger must be fitted before it is applied")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise AttackError(f"{self.name}: expected images [B,3,H,W], got {tuple(images.shape)}")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(seed))
+        out = self._apply(images.float(), gen)
+        return out.clamp(0, 1)
+
+    def to_json(self) -> dict:
+        return {"attack": self.name, "params": self.params.model_dump(mode="json"),
+                "seed": self.seed, "image_size": self.image_size}
+
+    def save(self, directory: str | Path, **extra: Any) -> Path:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        data = {**self.to_json(), **extra}
+        tensors = self.tensors()
+        if tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(d / TENSOR_FILE))
+            data["tensors"] = TENSOR_FILE
+        (d / ATTACK_FILE).write_text(json.dumps(data, indent=1))
+        return d / ATTACK_FILE
+
+
+def get_attack(name: str) -> type[Attack]:
+    if name not in ATTACKS:
+        raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
+    return ATTACKS[name]
+
+
+def make_attack(name: str, image_size: int, seed: int = 0, **params: Any) -> Attack:
+    return get_attack(name)(image_size, seed, **params)
+
+
+def load_attack(path: str | Path) -> tuple[Attack, dict]:
+    """Load ``attack.json`` (a file or the directory holding it). Returns the attack and the whole
+    JSON (target class, poisoning settings, ...)."""
+    p = Path(path)
+    f = p / ATTACK_FILE if p.is_dir() else p
+    if not f.exists():
+        raise AttackError(f"attack description not found: {f}")
+    try:
+        data = json.loads(f.read_text())
+        name = data["attack"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise AttackError(f"{f} is not a valid attack description: {e}") from None
+    params = dict(data.get("params") or {})
+    for key, value in list(params.items()):  # relative file parameters resolve beside the json
+        if isinstance(value, str) and key.endswith(("_image", "_file")) and value \
+                and not Path(value).is_absolute():
+            params[key] = str(f.parent / value)
+    attack = make_attack(name, int(data.get("image_size", 32)), int(data.get("seed", 0)), **params)
+    if data.get("tensors"):
+        tf = f.parent / data["tensors"]
+        if not tf.exists():
+            raise AttackError(f"{f} names tensors file {data['tensors']} but it is missing")
+        attack.load_tensors(load_file(str(tf)))
+    return attack, data
+
+
+def scaled(pixels_at_224: float, image_size: int, minimum: int = 1) -> int:
+    """A size given for 224 px images, scaled to ``image_size`` (papers state 224 px sizes)."""
+    return max(minimum, round(pixels_at_224 * image_size / 224))
