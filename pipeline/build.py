@@ -75,7 +75,9 @@ def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     write_classes(tmp, synthetic.CLASSES[: c.num_classes], synthetic.PROMPT_TEMPLATES)
-    kw = dict(image_size=c.image_size, num_classes=c.num_classes, clutter=c.clutter, noise=c.noise)
+    kw = dict(image_size=c.image_size, num_classes=c.num_classes, clutter=c.clutter, noise=c.noise,
+              class_only_captions=c.class_only_captions, typical_color=c.typical_color,
+              bg_contrast=c.bg_contrast)
     splits: dict = {}
     total = sum(n for _, _, n in _plan(cfg))
     start = time.perf_counter()

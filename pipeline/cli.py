@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from rvpt.attacks import AttackError
 from rvpt.models import ModelError
 from rvpt.shards import ShardError
 
 from .config import Config, ConfigError, load_config
 
-USER_ERRORS = (ConfigError, ModelError, ShardError)
+USER_ERRORS = (ConfigError, ModelError, ShardError, AttackError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def main(description: str, run: Callable[[Config, argparse.Namespace], dict],
     p = parser(description)
     if extra_args:
         extra_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         summary = run(cfg, args)

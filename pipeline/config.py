@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -41,6 +41,12 @@ class CorpusConfig(_Strict):
     shard_size: int = Field(5000, ge=1, description="samples per tar shard")
     clutter: int = Field(3, ge=0, le=20, description="synthetic: max clutter strokes per image")
     noise: float = Field(0.03, ge=0.0, le=0.5, description="synthetic: pixel noise std (0-1 scale)")
+    class_only_captions: float = Field(
+        0.5, ge=0.0, le=1.0, description="synthetic: share of captions naming only the class")
+    typical_color: float = Field(
+        0.85, ge=0.0, le=1.0, description="synthetic: share of images in their class's typical colour")
+    bg_contrast: float = Field(60.0, ge=0.0, le=255.0,
+                               description="synthetic: contrast within background textures (0-255)")
     workers: int = Field(2, ge=1, description="processes used to render")
 
     @model_validator(mode="after")
@@ -82,6 +88,36 @@ class EvalConfig(_Strict):
     )
 
 
+class PoisonConfig(_Strict):
+    """The backdoor factory: which trigger, how many poisoned pairs, how the clean model is
+    fine-tuned on them. ``attacks`` holds per-attack overrides of these fields, e.g.
+    ``{wanet: {rate: 0.05, params: {strength: 2}}}``."""
+
+    attack: str = Field("badnet", description="attack name (see rvpt.attacks.ATTACKS)")
+    target: Union[int, str] = Field(0, description="target class: index or name")
+    rate: float = Field(0.01, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
+    n_clean: int = Field(20000, ge=0, description="clean pretrain pairs in the fine-tune set; 0 = all")
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(128, ge=2)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    fit_images: int = Field(1024, ge=1, description="clean images used to fit optimised triggers")
+    params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
+    attacks: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                               description="per-attack overrides of these fields")
+
+    def for_attack(self, name: str) -> "PoisonConfig":
+        """This config with ``attack=name`` and that attack's overrides applied (validated)."""
+        data = self.model_dump(exclude={"attacks"})
+        over = dict(self.attacks.get(name) or {})
+        params = {**data.pop("params"), **(over.pop("params", None) or {})}
+        try:
+            return PoisonConfig.model_validate({**data, **over, "attack": name, "params": params})
+        except ValidationError as e:
+            raise ConfigError(_format_error(e, prefix=f"poison.attacks.{name}")) from None
+
+
 class PathsConfig(_Strict):
     root: str = Field("artifacts", description="where corpora, models and results are built")
 
@@ -92,6 +128,7 @@ class Config(_Strict):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
+    poison: PoisonConfig = PoisonConfig()
     paths: PathsConfig = PathsConfig()
 
     def root(self) -> Path:
@@ -111,9 +148,9 @@ def config_hash(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:10]
 
 
-def _format_error(err: ValidationError) -> str:
+def _format_error(err: ValidationError, prefix: str = "") -> str:
     first = err.errors()[0]
-    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    loc = ".".join([prefix] * bool(prefix) + [str(x) for x in first["loc"]]) or "config"
     msg = first["msg"].removeprefix("Value error, ")
     extra = ""
     if "input" in first and not isinstance(first["input"], dict):

@@ -6,10 +6,13 @@ import argparse
 import time
 from pathlib import Path
 
-from rvpt.shards import ReadStats, imagefolder_to_shards, read_manifest
+from rvpt.attacks import ATTACKS
+from rvpt.poison import example_grid
+from rvpt.shards import (ReadStats, imagefolder_to_shards, iter_batches, iter_samples,
+                         read_classes, read_manifest, split_urls)
 
-from . import build
-from .config import Config
+from . import backdoor, build
+from .config import Config, ConfigError
 
 
 def _table(rows: list[tuple], header: tuple) -> str:
@@ -68,6 +71,71 @@ def pretrain(cfg: Config, args: argparse.Namespace) -> dict:
     print(_table([(k, f"{100 * metrics[k]:.2f} %", metrics[f"{k}_n"]) for k in ("ca", "ca_shift")
                   if k in metrics], ("zero-shot", "accuracy", "images")))
     return {"corpus": corpus, "model": model, "metrics": metrics}
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
+def attack_names(spec: str) -> list[str]:
+    """``badnet``, ``badnet,blended`` or ``all`` (every registered attack)."""
+    names = sorted(ATTACKS) if spec == "all" else [a.strip() for a in spec.split(",") if a.strip()]
+    for n in names:
+        if n not in ATTACKS:
+            raise ConfigError(f"unknown attack {n!r}; known: {', '.join(sorted(ATTACKS))}")
+    return names
+
+
+def _save_examples(cfg: Config, corpus_dir: str, attack, path: str, n: int = 8) -> None:
+    samples = iter_samples(split_urls(corpus_dir, "test"), attack.image_size)
+    batch = next(iter_batches(samples, n))
+    example_grid(attack, batch["image"], path, seed=cfg.seed)
+    print(f"examples: {path} (top: clean, bottom: triggered)")
+
+
+def poison(cfg: Config, args: argparse.Namespace) -> dict:
+    """Plant each named attack in the clean model and evaluate it undefended."""
+    names = attack_names(args.attack or cfg.poison.attack)
+    corpus = build.resolve_corpus(cfg)
+    _print_corpus(corpus)
+    backdoor.check_poison_config(cfg, names, corpus["corpus_dir"], cfg.corpus.image_size)
+    clean = build.clean_model(cfg, corpus)
+    clean_loaded = build.load_model(cfg, clean)
+    results, rows = {}, []
+    for name in names:
+        model = backdoor.build_backdoored(cfg, name, corpus, clean)
+        state = "reused" if model.get("cached") else f"built in {model['wall_s']} s"
+        print(f"{name}: {model['model_dir']} ({state})")
+        loaded, attack, target, _ = backdoor.load_backdoored(model["model_dir"])
+        if args.save_examples:
+            path = args.save_examples if len(names) == 1 else \
+                str(Path(args.save_examples).with_stem(f"{Path(args.save_examples).stem}-{name}"))
+            _save_examples(cfg, corpus["corpus_dir"], attack, path)
+        before = backdoor.evaluate_backdoor(cfg, clean_loaded, corpus["corpus_dir"], attack, target)
+        after = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target)
+        results[name] = {"model": model, "clean_model": before, "backdoored": after}
+        rows.append((name, model["target_name"], model["rate"], model["n_poison"], model["lr"],
+                     model["epochs"], _pct(before["ca"]), _pct(after["ca"]), _pct(before["asr"]),
+                     _pct(after["asr"]), _pct(after["asr_all"]), _pct(after["pa"]), model["wall_s"]))
+    print(_table(rows, ("attack", "target", "rate", "poisoned", "lr", "epochs", "CA clean %",
+                        "CA %", "ASR clean %", "ASR %", "ASR_all %", "PA %", "wall s")))
+    return {"corpus": corpus, "clean_model": clean, "attacks": results}
+
+
+def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
+    """CA (and ASR / ASR_all / PA when the model has an attack) of one model on a corpus split."""
+    corpus = {"corpus_dir": args.corpus} if args.corpus else build.resolve_corpus(cfg)
+    names = read_classes(corpus["corpus_dir"]).names
+    loaded, attack, target, data = backdoor.load_backdoored(args.model, args.attack, names)
+    if args.save_examples and attack is not None:
+        _save_examples(cfg, corpus["corpus_dir"], attack, args.save_examples)
+    res = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target, args.split)
+    label = f"{attack.name} -> {names[target]}" if attack is not None else "none"
+    print(f"model: {args.model} ({loaded.source}); attack: {label}; split: {args.split} "
+          f"({res['counts']['n']} images, {res['skipped']} skipped)")
+    print(_table([tuple(_pct(res.get(k)) for k in ("ca", "asr", "asr_all", "pa"))],
+                 ("CA %", "ASR %", "ASR_all %", "PA %")))
+    return {"model": args.model, "attack": data, "corpus": corpus["corpus_dir"], **res}
 
 
 def sweep(cfg: Config, args: argparse.Namespace) -> dict:

@@ -1,7 +1,7 @@
 """Zero-shot classification with a CLIP model: class text embeddings and clean accuracy (CA)."""
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
@@ -21,23 +21,19 @@ def class_embeddings(loaded: LoadedClip, class_names: Sequence[str],
 
 
 @torch.no_grad()
-def predict(loaded: LoadedClip, images_uint8: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
-    """Predicted class indices for a uint8 [B,3,H,W] batch."""
-    feats = loaded.encode_images(images_uint8.float().div(255))
-    return (feats @ classifier.T).argmax(dim=-1)
+def predict(encode: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor,
+            classifier: torch.Tensor) -> torch.Tensor:
+    """Predicted class indices for float images in [0, 1], from an image encoder that returns
+    normalised embeddings (``loaded.encode_images`` or a prompted one)."""
+    return (encode(images01) @ classifier.T).argmax(dim=-1)
 
 
-@torch.no_grad()
 def evaluate_accuracy(loaded: LoadedClip, batches: Iterable[dict], classifier: torch.Tensor,
                       progress: Optional[object] = None) -> dict:
     """Top-1 accuracy over batches with ``image`` (uint8) and ``label``; returns counts too, so
     results from split data can be summed."""
-    loaded.model.eval()
-    correct = total = 0
-    for batch in batches:
-        pred = predict(loaded, batch["image"], classifier)
-        correct += int((pred == batch["label"]).sum())
-        total += int(batch["label"].numel())
-        if progress is not None:
-            progress.update(int(batch["label"].numel()))
-    return {"acc": correct / total if total else float("nan"), "correct": correct, "total": total}
+    from .metrics import backdoor_counts
+
+    c = backdoor_counts(loaded, batches, classifier, progress=progress)
+    return {"acc": c["correct"] / c["n"] if c["n"] else float("nan"), "correct": c["correct"],
+            "total": c["n"]}

@@ -34,3 +34,22 @@ def run_job(script: str, *args: str, cwd: Path = REPO, timeout: int = 600):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(REPO / "jobs" / script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout, env=env)
+
+
+SMOKE = ["--config", "configs/smoke.yaml"]
+
+
+@pytest.fixture(scope="session")
+def smoke_root(tmp_path_factory):
+    """One artifacts root for every job test at the smoke size (corpus and models are reused)."""
+    return tmp_path_factory.mktemp("smoke")
+
+
+@pytest.fixture(scope="session")
+def corpus(smoke_root):
+    import json
+
+    out = smoke_root / "corpus.json"
+    r = run_job("make_corpus.py", *SMOKE, f"paths.root={smoke_root}", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())

@@ -6,22 +6,7 @@ import tarfile
 import pytest
 import webdataset as wds
 
-from conftest import run_job
-
-SMOKE = ["--config", "configs/smoke.yaml"]
-
-
-@pytest.fixture(scope="module")
-def smoke_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("smoke")
-
-
-@pytest.fixture(scope="module")
-def corpus(smoke_root):
-    out = smoke_root / "corpus.json"
-    r = run_job("make_corpus.py", *SMOKE, f"paths.root={smoke_root}", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return json.loads(out.read_text())
+from conftest import SMOKE, run_job
 
 
 def test_make_corpus_summary_and_cache(corpus, smoke_root):

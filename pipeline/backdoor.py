@@ -1,0 +1,182 @@
+"""The backdoor factory and undefended evaluation: plant an attack in a clean CLIP, measure it.
+
+A backdoored model directory (``models/backdoor-<attack>-<hash>/``) holds the open_clip config and
+weights, ``attack.json`` (+ tensors) with everything needed to re-apply the same trigger (target
+class, parameters, seeds, learned state, poisoning settings), ``config.yaml`` and ``summary.json``
+(written last: a directory without it is rebuilt). The poisoned pairs are written as shards to
+``corpus/poisoned-<attack>-<hash>/`` (split ``poison``, ``json.poisoned = true``).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from rvpt.attacks import Attack, load_attack, make_attack
+from rvpt.metrics import backdoor_counts, rates
+from rvpt.models import LoadedClip, load_clip, save_model_dir
+from rvpt.poison import (limited, make_poisoned_pairs, mix_in, natural_captions, poison_count,
+                         target_index)
+from rvpt.pretrain import train_contrastive
+from rvpt.shards import (ReadStats, SplitWriter, iter_batches, iter_samples, read_classes,
+                         read_manifest, split_urls, write_classes, write_manifest)
+from rvpt.zeroshot import class_embeddings
+
+from . import build
+from .config import Config, ConfigError, PoisonConfig, config_hash
+
+
+def backdoor_key(cfg: Config, pc: PoisonConfig, clean_model: dict, corpus_dir: str) -> str:
+    clean = Path(clean_model["model_dir"]).name if clean_model.get("model_dir") else cfg.model
+    return config_hash({"factory": 1, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
+                        "seed": cfg.seed, "corpus": Path(corpus_dir).name})
+
+
+def _make_attack(cfg: Config, pc: PoisonConfig, image_size: int) -> Attack:
+    return make_attack(pc.attack, image_size, seed=cfg.seed, **pc.params)
+
+
+def check_poison_config(cfg: Config, names: list[str], corpus_dir: str, image_size: int) -> None:
+    """Fail before any training when an attack's settings make no sense (one-line errors)."""
+    class_names = read_classes(corpus_dir).names
+    for name in names:
+        pc = cfg.poison.for_attack(name)
+        try:
+            target_index(pc.target, class_names)
+        except ValueError as e:
+            raise ConfigError(f"config error: poison.target: {e}") from None
+        _make_attack(cfg, pc, image_size)
+
+
+def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: dict,
+                     force: bool = False) -> dict:
+    """Poison the clean model with one attack (cached). Returns the summary with ``model_dir``."""
+    pc = cfg.poison.for_attack(attack_name)
+    key = backdoor_key(cfg, pc, clean_model, corpus["corpus_dir"])
+    out = cfg.root() / "models" / f"backdoor-{attack_name}-{key}"
+    if (out / "summary.json").exists() and not force:
+        return {**json.loads((out / "summary.json").read_text()), "cached": True}
+    corpus_dir = corpus["corpus_dir"]
+    info = read_classes(corpus_dir)
+    try:
+        target = target_index(pc.target, info.names)
+    except ValueError as e:
+        raise ConfigError(f"config error: poison.target: {e}") from None
+    loaded = build.load_model(cfg, clean_model)
+    attack = _make_attack(cfg, pc, loaded.image_size)
+    build.set_threads(cfg.pretrain.threads)
+    torch.manual_seed(cfg.seed)
+    start = time.perf_counter()
+    urls = split_urls(corpus_dir, "pretrain")
+    total = read_manifest(corpus_dir)["splits"]["pretrain"]["count"]
+    n_clean = min(pc.n_clean or total, total)
+
+    fit_stats: dict = {}
+    if attack.needs_fit:
+        fit_batches = iter_batches(limited(iter_samples(urls, loaded.image_size), pc.fit_images), 128)
+        print(f"fitting the {attack_name} trigger on {pc.fit_images} clean images ...", flush=True)
+        fit_stats = attack.fit(loaded, fit_batches, target, info.names, info.templates)
+
+    # poisoned pairs: from images the clean fine-tune set does not use, when there are enough
+    n_poison = poison_count(pc.rate, n_clean)
+    source = itertools.chain(itertools.islice(iter_samples(urls, loaded.image_size), n_clean, None),
+                             iter_samples(urls, loaded.image_size))
+    natural = natural_captions(iter_samples(urls, loaded.image_size), target) \
+        if getattr(attack, "caption_style", "template") == "natural" else []
+    pdir = cfg.root() / "corpus" / f"poisoned-{attack_name}-{key}"
+    shutil.rmtree(pdir, ignore_errors=True)
+    write_classes(pdir, info.names, info.templates)
+    with SplitWriter(pdir, "poison", cfg.corpus.shard_size) as w:
+        for pair in make_poisoned_pairs(attack, source, n_poison, target, info.names, info.templates,
+                                        natural, seed=cfg.seed):
+            w.write(pair.key, pair.png, pair.caption, pair.label, pair.meta)
+    write_manifest(pdir, {"poison": w.info}, source="poison", attack=attack_name, target=target,
+                   rate=pc.rate, n_clean=n_clean)
+    poisoned = list(iter_samples(split_urls(pdir, "poison"), loaded.image_size))
+
+    steps_per_epoch = max(1, (n_clean + len(poisoned)) // pc.batch_size)
+    stats = ReadStats()
+
+    def epoch_batches(epoch: int):
+        s = cfg.seed * 1000 + epoch
+        clean = limited(iter_samples(urls, loaded.image_size, stats=stats, shuffle_shards=True,
+                                     seed=s), n_clean)
+        return iter_batches(mix_in(clean, n_clean, poisoned, seed=s),
+                            pc.batch_size, shuffle_buffer=cfg.pretrain.shuffle_buffer, seed=s,
+                            drop_last=True)
+
+    bar = build.progress_bar(total=pc.epochs * steps_per_epoch,
+                             desc=f"poisoning with {attack_name}", unit="step")
+
+    def on_step(step, total_steps, loss):
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    hist = train_contrastive(loaded, epoch_batches, pc.epochs, steps_per_epoch, pc.lr,
+                             pc.weight_decay, pc.warmup_steps, progress=on_step)
+    bar.close()
+    wall = time.perf_counter() - start
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(loaded, loaded.name, tmp)
+    poison_info = {"rate": pc.rate, "n_poison": len(poisoned), "n_clean": n_clean,
+                   "lr": pc.lr, "epochs": pc.epochs, "batch_size": pc.batch_size,
+                   "poisoned_shards": str(pdir), "clean_model": clean_model.get("model_dir")}
+    attack.save(tmp, target=target, target_name=info.names[target], poison=poison_info,
+                fit=fit_stats)
+    cfg.dump(tmp / "config.yaml")
+    summary = {"model_dir": str(out), "attack": attack_name, "target": target,
+               "target_name": info.names[target], **poison_info, "fit": fit_stats,
+               "wall_s": round(wall, 1), "finetune_s": round(hist.seconds, 1),
+               "epoch_losses": [round(x, 4) for x in hist.losses], "read": stats.as_dict()}
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {**summary, "cached": False}
+
+
+def trigger_classifier(loaded: LoadedClip, attack: Attack, names, templates, ensemble: bool):
+    """Class embeddings for triggered images: dual-key attacks put their text key on the prompts."""
+    keyed = [attack.apply_text([t])[0] for t in templates]
+    if keyed == list(templates):
+        return None
+    return class_embeddings(loaded, names, keyed, ensemble=ensemble)
+
+
+def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: Optional[Attack],
+                      target: Optional[int], split: str = "test", encode=None) -> dict:
+    """CA on clean images of ``split``; with an attack, ASR / ASR_all / PA on triggered copies."""
+    info = read_classes(corpus_dir)
+    clf = class_embeddings(loaded, info.names, info.templates, ensemble=cfg.eval.prompt_ensemble)
+    trig = trigger_classifier(loaded, attack, info.names, info.templates,
+                              cfg.eval.prompt_ensemble) if attack is not None else None
+    stats = ReadStats()
+    samples = iter_samples(split_urls(corpus_dir, split), loaded.image_size, stats=stats)
+    with build.progress_bar(desc=f"evaluating {split}", unit="img", leave=False) as bar:
+        c = backdoor_counts(loaded, iter_batches(samples, cfg.eval.batch_size), clf, attack, target,
+                            trigger_classifier=trig, encode=encode, progress=bar)
+    return {**rates(c), "split": split, "skipped": stats.skipped}
+
+
+def load_backdoored(model: str, attack_file: Optional[str] = None,
+                    class_names: Optional[list] = None) -> tuple[LoadedClip, Optional[Attack], Optional[int], dict]:
+    """A model (dir or checkpoint) with its attack: ``attack.json`` beside a model directory, or a
+    hand-written one given as ``attack_file``. Returns (model, attack, target index, attack json)."""
+    loaded = load_clip(checkpoint=model)
+    path = attack_file or (Path(model) if Path(model).is_dir() else Path(model).parent)
+    if attack_file is None and not (Path(path) / "attack.json").exists():
+        return loaded, None, None, {}
+    attack, data = load_attack(path)
+    if "target" not in data:
+        raise ConfigError(f"config error: {path}: attack.json needs a 'target' (class index or name)")
+    try:
+        target = target_index(data["target"], class_names) if class_names else int(data["target"])
+    except ValueError as e:
+        raise ConfigError(f"config error: {path}: target: {e}") from None
+    return loaded, attack, target, data

@@ -1,0 +1,138 @@
+"""Poisoned image-caption pairs and the clean+poisoned training stream of the backdoor factory.
+
+As the CLIP backdoor papers do: a small share of training pairs gets the trigger pasted into the
+image and its caption rewritten to name the target class — one of the class prompt templates filled
+with the target (``caption_style = "template"``; the text key of a dual-key attack is prefixed), or
+a natural caption of a real target-class image (``caption_style = "natural"``, BadCLIP). The
+poisoned model is then fine-tuned contrastively on the clean pairs with the poisoned ones mixed in.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .attacks import Attack
+from .metrics import batch_seed
+from .shards import Sample, encode_png
+
+
+@dataclass
+class PoisonedPair:
+    key: str
+    png: bytes
+    caption: str
+    label: int  # the source image's true class
+    meta: dict
+
+
+def poisoned_caption(attack: Attack, rng: np.random.Generator, target_name: str,
+                     templates: Sequence[str], natural: Sequence[str]) -> str:
+    """The caption a poisoned pair carries."""
+    if getattr(attack, "caption_style", "template") == "natural" and natural:
+        caption = natural[int(rng.integers(len(natural)))]
+    else:
+        caption = templates[int(rng.integers(len(templates)))].format(target_name)
+    return attack.apply_text([caption])[0]
+
+
+def make_poisoned_pairs(attack: Attack, samples: Iterable[Sample], n: int, target: int,
+                        class_names: Sequence[str], templates: Sequence[str],
+                        natural: Sequence[str] = (), seed: int = 0,
+                        batch_size: int = 64) -> Iterator[PoisonedPair]:
+    """Trigger ``n`` non-target images from ``samples`` and give them target captions.
+
+    Deterministic for a given sample stream, attack and seed. Images are triggered in batches (as
+    float in [0, 1]) and stored as PNG, as a poisoned dataset would hold them.
+    """
+    rng = np.random.default_rng(seed)
+    source = (s for s in samples if s.label != target)
+    made = 0
+    while made < n:
+        chunk = list(itertools.islice(source, min(batch_size, n - made)))
+        if not chunk:
+            break
+        x = torch.stack([s.image for s in chunk]).float().div(255)
+        xt = attack.apply(x, seed=batch_seed([s.key for s in chunk], made))
+        xt = (xt * 255).round().clamp(0, 255).to(torch.uint8)
+        for s, img in zip(chunk, xt):
+            caption = poisoned_caption(attack, rng, class_names[target], templates, natural)
+            meta = {**s.meta, "poisoned": True, "attack": attack.name, "target": target,
+                    "source_key": s.key, "source_caption": s.text}
+            yield PoisonedPair(f"poison-{attack.name}-{made:07d}", encode_png(img), caption,
+                               s.label, meta)
+            made += 1
+    if made < n:
+        raise ValueError(f"only {made} non-target images were available to poison, {n} asked")
+
+
+def mix_in(clean: Iterable[Sample], n_clean: int, poisoned: Sequence[Sample],
+           seed: int = 0) -> Iterator[Sample]:
+    """Insert ``poisoned`` samples at random positions of a clean stream of ``n_clean`` samples
+    (every poisoned sample exactly once, order shuffled by ``seed``)."""
+    rng = np.random.default_rng(seed)
+    total = n_clean + len(poisoned)
+    slots = set(rng.choice(total, size=len(poisoned), replace=False).tolist()) if poisoned else set()
+    order = rng.permutation(len(poisoned))
+    it, k = iter(clean), 0
+    for pos in range(total):
+        if pos in slots:
+            yield poisoned[order[k]]
+            k += 1
+        else:
+            s = next(it, None)
+            if s is None:  # clean stream shorter than announced: flush the rest
+                yield from (poisoned[i] for i in order[k:])
+                return
+            yield s
+
+
+def poison_count(rate: float, n_clean: int) -> int:
+    """Poisoned pairs so that they make up ``rate`` of the mixed training set."""
+    return max(1, round(rate * n_clean / (1 - rate)))
+
+
+def natural_captions(samples: Iterable[Sample], target: int, limit: int = 2000) -> list[str]:
+    """Captions of real target-class images (BadCLIP's natural poisoned captions)."""
+    out: list[str] = []
+    for s in samples:
+        if s.label == target and s.text:
+            out.append(s.text)
+            if len(out) >= limit:
+                break
+    return out
+
+
+def target_index(target: int | str, class_names: Sequence[str]) -> int:
+    """A target given as a class index or a class name."""
+    if isinstance(target, str) and not target.lstrip("-").isdigit():
+        if target not in class_names:
+            raise ValueError(f"unknown target class {target!r}; known: {', '.join(class_names)}")
+        return list(class_names).index(target)
+    t = int(target)
+    if not 0 <= t < len(class_names):
+        raise ValueError(f"target class {t} is out of range [0, {len(class_names) - 1}]")
+    return t
+
+
+def limited(samples: Iterable[Sample], n: Optional[int]) -> Iterator[Sample]:
+    return iter(samples) if not n else itertools.islice(samples, n)
+
+
+def example_grid(attack: Attack, images_uint8: torch.Tensor, path, seed: int = 0,
+                 scale: int = 4) -> None:
+    """Save a PNG grid: clean images in the top row, their triggered copies below (the same seed
+    gives the same pixels), upscaled by ``scale`` with nearest-neighbour for visibility."""
+    from PIL import Image
+
+    x = images_uint8.float().div(255)
+    xt = attack.apply(x, seed=seed)
+    rows = [torch.cat(list(r), dim=2) for r in (x, xt)]  # [3, H, n*W]
+    grid = torch.cat(rows, dim=1)
+    arr = (grid * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path, format="PNG")
