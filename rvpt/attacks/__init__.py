@@ -4,7 +4,7 @@ Adding an attack is one module with a ``@register_attack("name")`` class, import
 """
 from .base import (ATTACK_FILE, ATTACKS, Attack, AttackError, AttackParams, get_attack,
                    load_attack, make_attack, register_attack, scaled)
-from . import blend, patch  # noqa: F401  (register)
+from . import blend, issba, optimized, patch  # noqa: F401  (register)
 
 __all__ = ["ATTACK_FILE", "ATTACKS", "Attack", "AttackError", "AttackParams", "get_attack",
            "load_attack", "make_attack", "register_attack", "scaled"]
