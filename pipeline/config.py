@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
+from rvpt.defenses import TrainParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,17 @@ class PoisonConfig(_Strict):
             raise ConfigError(_format_error(e, prefix=f"poison.attacks.{name}")) from None
 
 
+class DefenseConfig(_Strict):
+    """A defense run: which defense, its parameters, the training recipe, what is measured."""
+
+    name: str = Field("rvpt", description="defense name (see rvpt.defenses.DEFENSES)")
+    params: dict[str, Any] = Field(default_factory=dict,
+                                   description="defense parameters, e.g. {depth: 3, length: 50, alpha: 2}")
+    train: TrainParams = TrainParams()
+    fewshot_split: str = Field("fewshot", description="the defender's clean pool")
+    pr_images: int = Field(256, ge=0, description="test images for perturbation resistivity; 0 = skip")
+
+
 class PathsConfig(_Strict):
     root: str = Field("artifacts", description="where corpora, models and results are built")
 
@@ -129,6 +141,7 @@ class Config(_Strict):
     pretrain: PretrainConfig = PretrainConfig()
     eval: EvalConfig = EvalConfig()
     poison: PoisonConfig = PoisonConfig()
+    defense: DefenseConfig = DefenseConfig()
     paths: PathsConfig = PathsConfig()
 
     def root(self) -> Path:

@@ -138,6 +138,25 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     return {"model": args.model, "attack": data, "corpus": corpus["corpus_dir"], **res}
 
 
+def defend(cfg: Config, args: argparse.Namespace) -> dict:
+    """Train a defense on a backdoored model; CA / ASR / ASR_all / PA / PR before and after."""
+    from . import defend as defend_mod
+
+    if args.defense:
+        cfg.defense.name = args.defense
+    corpus = {"corpus_dir": args.corpus} if args.corpus else build.resolve_corpus(cfg)
+    res = defend_mod.defend(cfg, args.model, corpus["corpus_dir"], args.attack)
+    state = "reused" if res.get("cached") else f"trained in {res['train_s']} s"
+    print(f"defense: {res['defense']} ({res['trainable_params']:,} trainable parameters, "
+          f"{res['shots']} shots, seed {res['seed']}; {state}) -> {res['out_dir']}")
+    rows = [(when, *(_pct(res[when].get(k)) for k in ("ca", "asr", "asr_all", "pa")),
+             *(f"{res[when][k]:.4f}" if res[when].get(k) is not None else "-"
+               for k in ("pr_mean", "pr/trigger")))
+            for when in ("before", "after")]
+    print(_table(rows, ("", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR", "trigger PR")))
+    return res
+
+
 def sweep(cfg: Config, args: argparse.Namespace) -> dict:
     print("note: the Ray Tune sweep (attacks x defenses x prompt depth/length/alpha) is not built "
           "yet;\n      running the stages that exist: corpus -> clean CLIP -> zero-shot evaluation.")

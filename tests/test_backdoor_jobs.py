@@ -113,3 +113,39 @@ def test_poison_user_errors_are_one_line(corpus, smoke_root, args, needle):
     assert r.returncode == 2, r.stderr
     err = [l for l in r.stderr.strip().splitlines() if not l.startswith("WARNING")]
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], r.stderr
+
+
+@pytest.mark.parametrize("defense", ["rvpt", "vpt"])
+def test_defend_job_reports_before_and_after(poisoned, smoke_root, defense):
+    res, _ = poisoned
+    mdir = res["attacks"]["badnet"]["model"]["model_dir"]
+    out = smoke_root / f"defend-{defense}.json"
+    r = run_job("defend.py", *SMOKE, f"paths.root={smoke_root}", "--model", mdir, "--defense",
+                defense, "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    d = json.loads(out.read_text())
+    assert d["defense"] == defense and d["shots"] == 4 and d["trainable_params"] == 5 * 64
+    assert d["params"]["alpha"] == (2.0 if defense == "rvpt" else 0.0)
+    for when in ("before", "after"):
+        for k in ("ca", "asr", "asr_all", "pa", "pr_mean", "pr/trigger", "pr/noise/0"):
+            assert d[when][k] is not None, (when, k)
+    assert d["before"]["ca"] == res["attacks"]["badnet"]["backdoored"]["ca"]
+    assert (Path(d["out_dir"]) / "prompts.safetensors").exists()
+    assert len(d["epoch_stats"]) == 2 and ("fr" in d["epoch_stats"][0]) == (defense == "rvpt")
+    assert "mean PR" in r.stdout and "after" in r.stdout
+    r = run_job("defend.py", *SMOKE, f"paths.root={smoke_root}", "--model", mdir, "--defense",
+                defense, "--out", str(out))
+    assert r.returncode == 0 and json.loads(out.read_text())["cached"] is True
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--defense", "nosuch"], "rvpt"),
+    (["--defense", "rvpt", "defense.train.shots=99"], "99 shots"),
+    (["--defense", "rvpt", "defense.params={depth: 7}"], "depth"),
+])
+def test_defend_user_errors_are_one_line(poisoned, smoke_root, args, needle):
+    mdir = poisoned[0]["attacks"]["badnet"]["model"]["model_dir"]
+    r = run_job("defend.py", *SMOKE, f"paths.root={smoke_root}", "--model", mdir, *args)
+    assert r.returncode == 2, r.stderr
+    err = [l for l in r.stderr.strip().splitlines() if not l.startswith("WARNING")]
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], r.stderr

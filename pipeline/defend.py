@@ -1,0 +1,95 @@
+"""One local defense run: a backdoored model, k clean shots per class, a defense, before/after.
+
+Results go to ``defenses/<defense>-<hash>/`` (the trainable state, e.g. ``prompts.safetensors``,
+plus ``summary.json`` written last), keyed by the model, the defense settings and the seed, so a
+second run reuses them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from rvpt.defenses import DefenseError, make_defense, train_defense
+from rvpt.fewshot import epoch_batches, sample_few_shot
+from rvpt.resistivity import perturbation_resistivity
+from rvpt.shards import iter_batches, iter_samples, read_classes, split_urls
+
+from . import backdoor, build
+from .config import Config, ConfigError, config_hash
+
+
+def resistivity(cfg: Config, loaded, corpus_dir: str, attack, prompts=None) -> dict:
+    if not cfg.defense.pr_images:
+        return {}
+    samples = iter_samples(split_urls(corpus_dir, "test"), loaded.image_size)
+    return perturbation_resistivity(loaded, iter_batches(samples, 128), prompts=prompts,
+                                    attack=attack, seed=cfg.seed, max_images=cfg.defense.pr_images)
+
+
+def _measure(cfg, loaded, corpus_dir, attack, target, encode=None, prompts=None) -> dict:
+    res = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, attack, target, encode=encode)
+    return {**res, **resistivity(cfg, loaded, corpus_dir, attack, prompts)}
+
+
+def defense_key(cfg: Config, model: str) -> str:
+    d = cfg.defense
+    return config_hash({"defend": 1, "model": str(Path(model).resolve()), "defense": d,
+                        "seed": cfg.seed, "corpus": cfg.corpus})
+
+
+def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] = None,
+           force: bool = False) -> dict:
+    """Train ``cfg.defense`` on the backdoored ``model`` and measure it before and after."""
+    d = cfg.defense
+    out = cfg.root() / "defenses" / f"{d.name}-{defense_key(cfg, model)}"
+    if (out / "summary.json").exists() and not force:
+        return {**json.loads((out / "summary.json").read_text()), "cached": True}
+    info = read_classes(corpus_dir)
+    loaded, attack, target, attack_json = backdoor.load_backdoored(model, attack_file, info.names)
+    try:
+        defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed, **d.params)
+    except DefenseError as e:
+        raise ConfigError(f"config error: defense: {e}") from None
+    build.set_threads(cfg.pretrain.threads)
+    tp = d.train
+    shots = []
+    if defense.trains:  # checked before any long work
+        pool = iter_samples(split_urls(corpus_dir, d.fewshot_split), loaded.image_size)
+        try:
+            shots = sample_few_shot(pool, tp.shots, len(info.names), seed=cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"config error: defense.train.shots: {e}") from None
+    before = _measure(cfg, loaded, corpus_dir, attack, target)
+    hist = None
+    if defense.trains:
+        steps = -(-len(shots) // tp.batch_size)
+        bar = build.progress_bar(total=tp.epochs * steps, desc=f"training {d.name}", unit="step")
+
+        def on_step(step, stats):
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
+
+        hist = train_defense(defense, tp, epoch_batches(shots, tp.batch_size, cfg.seed), steps,
+                             progress=on_step)
+        bar.close()
+    prompts = getattr(defense, "prompts", None)
+    after = _measure(cfg, loaded, corpus_dir, attack, target, encode=defense.encode, prompts=prompts)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    defense.save(tmp)
+    cfg.dump(tmp / "config.yaml")
+    summary = {"out_dir": str(out), "model": model, "defense": d.name,
+               "params": defense.params.model_dump(mode="json"), "seed": cfg.seed,
+               "attack": attack_json.get("attack"), "target": target,
+               "trainable_params": defense.num_trainable() if defense.trains else 0,
+               "shots": tp.shots if defense.trains else 0,
+               "train_s": round(hist.seconds, 1) if hist else 0.0,
+               "step_s": round(hist.step_s, 4) if hist else 0.0,
+               "epoch_stats": hist.epochs if hist else [], "before": before, "after": after}
+    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {**summary, "cached": False}
