@@ -34,7 +34,13 @@ def main():
         corpus = build.resolve_corpus(cfg)
         res["corpus_wall_s"] = round(time.perf_counter() - t, 1)
     res["corpus_images"] = corpus["total"]
-    res["corpus_images_per_s"] = round(corpus["total"] / res["corpus_wall_s"], 1)
+    if corpus["cached"]:  # reused from --root: report the figures of the run that built it
+        from rvpt.shards import read_manifest
+        man = read_manifest(corpus["corpus_dir"])
+        res["corpus_wall_s"], res["corpus_images_per_s"] = man["render_seconds"], man["images_per_s"]
+        res["corpus_cached"] = True
+    else:
+        res["corpus_images_per_s"] = round(corpus["total"] / res["corpus_wall_s"], 1)
     res["corpus_peak_rss_mib"] = round(m.peak_mib)
     with PeakRSS() as m:
         model = build.clean_model(cfg, corpus)
