@@ -1,9 +1,13 @@
-"""The main job: the whole pipeline on the embedded default (or a config).
+"""The main job: sweep defenses over attacks x datasets with Ray Tune, tracked in MLflow.
 
-    python jobs/sweep.py [--config FILE] [key.sub=value ...] [--out FILE]
+    python jobs/sweep.py                                    # the embedded default, end to end
+    python jobs/sweep.py --config configs/smoke.yaml        # CI size
+    ray job submit --working-dir . -- python jobs/sweep.py --config configs/paper.yaml
 
-The Ray Tune sweep over attacks x defenses is not built yet; until it is, this runs every stage that
-exists (corpus, clean-model pretraining, zero-shot evaluation) and says so.
+Builds whatever is missing (corpus, clean CLIP, one backdoored model per attack), runs one trial
+per setting (Ray Data few-shot set -> Ray Train defense -> Ray Data evaluation -> one MLflow run),
+resumes an interrupted sweep without repeating finished trials, prints the best hyperparameters per
+attack x dataset under ``sweep.select.rule`` and writes a markdown report with plots.
 """
 import sys
 

@@ -130,6 +130,70 @@ class DefenseConfig(_Strict):
     pr_images: int = Field(256, ge=0, description="test images for perturbation resistivity; 0 = skip")
 
 
+class RayConfig(_Strict):
+    """Where and how big: the Ray cluster, Train workers, evaluation actors, fault tolerance."""
+
+    address: Optional[str] = Field(None, description="Ray address; None: RAY_ADDRESS, or a local "
+                                   "instance on 127.0.0.1")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local instance")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on a small machine")
+    gpus_per_worker: float = Field(0.0, ge=0, description="with use_gpu (0 means 1)")
+    max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
+    eval_actors: int = Field(1, ge=1, description="Ray Data actors for evaluation")
+    eval_cpus: float = Field(0.5, gt=0, description="CPUs per evaluation actor")
+    storage_path: Optional[str] = Field(None, description="Tune/Train results; default "
+                                        "<paths.root>/ray_results (s3://... on a cluster)")
+    fail_at_epoch: Optional[int] = Field(None, ge=0, description="testing: kill Train worker 0 "
+                                         "once at this epoch to exercise recovery")
+
+
+class TrackingConfig(_Strict):
+    uri: Optional[str] = Field(None, description="MLflow tracking URI; default sqlite "
+                               "<paths.root>/mlflow.db (an http:// server on a cluster)")
+
+
+class SelectConfig(_Strict):
+    rule: Literal["ca", "asr", "combo"] = Field(
+        "ca", description="ca: what a defender can measure; asr: oracle; combo: ca - weight*asr")
+    weight: float = Field(1.0, ge=0)
+
+
+class DatasetSpec(_Strict):
+    corpus: Optional[str] = Field(None, description="corpus dir/URI; None: the config's corpus")
+    fewshot_split: str = "fewshot"
+    test_split: str = "test"
+
+
+class SearchSpace(_Strict):
+    depth: list[int] = Field(default_factory=lambda: [3, 6])
+    length: list[int] = Field(default_factory=lambda: [10, 50])
+    alpha: list[float] = Field(default_factory=lambda: [1.0, 2.0],
+                               description="repel weight (RVPT only; VPT is alpha = 0)")
+
+
+class SweepConfig(_Strict):
+    """Ray Tune over {attack x dataset x defense} and a search over prompt depth, length, alpha."""
+
+    name: str = Field("rvpt-default", description="MLflow experiment and Tune run name")
+    attacks: list[str] = Field(default_factory=lambda: ["badnet", "blended", "wanet"])
+    datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"synthetic": DatasetSpec()})
+    defenses: list[str] = Field(default_factory=lambda: ["rvpt", "vpt"])
+    models: dict[str, str] = Field(default_factory=dict, description="attack -> backdoored model "
+                                   "dir (else built by the backdoor factory)")
+    search: Literal["grid", "random", "optuna"] = "grid"
+    space: SearchSpace = SearchSpace()
+    num_samples: int = Field(4, ge=1, description="random/optuna: trials per group")
+    epochs: Optional[int] = Field(None, ge=1, description="trial epochs (default defense.train.epochs)")
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int = Field(0, ge=0, description="0: from the resources")
+    select: SelectConfig = SelectConfig()
+    report: bool = Field(True, description="write the markdown report at the end")
+
+
 class PathsConfig(_Strict):
     root: str = Field("artifacts", description="where corpora, models and results are built")
 
@@ -142,6 +206,9 @@ class Config(_Strict):
     eval: EvalConfig = EvalConfig()
     poison: PoisonConfig = PoisonConfig()
     defense: DefenseConfig = DefenseConfig()
+    ray: RayConfig = RayConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    sweep: SweepConfig = SweepConfig()
     paths: PathsConfig = PathsConfig()
 
     def root(self) -> Path:

@@ -114,6 +114,8 @@ def poison(cfg: Config, args: argparse.Namespace) -> dict:
         before = backdoor.evaluate_backdoor(cfg, clean_loaded, corpus["corpus_dir"], attack, target)
         after = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target)
         results[name] = {"model": model, "clean_model": before, "backdoored": after}
+        print(f"{name}: CA {_pct(after['ca'])} % (clean model {_pct(before['ca'])} %), ASR "
+              f"{_pct(after['asr'])} % (clean model {_pct(before['asr'])} %)", flush=True)
         rows.append((name, model["target_name"], model["rate"], model["n_poison"], model["lr"],
                      model["epochs"], _pct(before["ca"]), _pct(after["ca"]), _pct(before["asr"]),
                      _pct(after["asr"]), _pct(after["asr_all"]), _pct(after["pa"]), model["wall_s"]))
@@ -158,11 +160,27 @@ def defend(cfg: Config, args: argparse.Namespace) -> dict:
 
 
 def sweep(cfg: Config, args: argparse.Namespace) -> dict:
-    print("note: the Ray Tune sweep (attacks x defenses x prompt depth/length/alpha) is not built "
-          "yet;\n      running the stages that exist: corpus -> clean CLIP -> zero-shot evaluation.")
-    start = time.perf_counter()
-    res = pretrain(cfg, args)
-    res["wall_s"] = round(time.perf_counter() - start, 1)
-    res["stages_run"] = ["corpus", "pretrain", "zero_shot"]
-    res["stages_missing"] = ["poison", "defend", "sweep", "mlflow", "best", "report"]
+    """The main job: build what is missing, run (or resume) the Ray Tune sweep, record every trial
+    in MLflow, print the best hyperparameters per attack x dataset and write the report."""
+    from . import sweep as sweep_mod
+
+    res = sweep_mod.run_sweep(cfg)
+    print(f"sweep {res['tune_run']}: {res['trials']} trials ({res['reused']} reused from MLflow), "
+          f"{len(res['errors'])} failed; {res['wall_s']} s; MLflow {res['tracking_uri']} "
+          f"experiment {res['experiment']!r}")
+    for err in res["errors"]:
+        print(f"  failed trial: {err}")
+    rule = cfg.sweep.select
+    print(f"best per attack x dataset (rule: {rule.rule}"
+          f"{f', weight {rule.weight}' if rule.rule == 'combo' else ''}):")
+    rows = [(b.get("attack"), b.get("dataset"), b.get("defense"), b.get("depth"), b.get("length"),
+             b.get("alpha"), _pct(b.get("ca")), _pct(b.get("asr")), _pct(b.get("asr_all")),
+             _pct(b.get("pa"))) for b in res["best"]]
+    print(_table(rows, ("attack", "dataset", "defense", "depth", "length", "alpha", "CA %", "ASR %",
+                        "ASR_all %", "PA %")))
+    if cfg.sweep.report:
+        from . import report
+        res["report"] = report.write_report(res["tracking_uri"], res["experiment"], rule.rule,
+                                            rule.weight, cfg.root() / "reports" / res["experiment"])
+        print(f"report: {res['report']['report']}")
     return res

@@ -21,12 +21,19 @@ from .zeroshot import predict
 COUNT_KEYS = ("n", "correct", "n_trig", "hit_all", "n_nontarget", "hit_nontarget", "pa_correct")
 
 
-def batch_seed(keys: Optional[list], fallback: int) -> int:
-    """A trigger seed that depends only on the samples (their keys), not on who evaluates them or in
-    which order, so split evaluation gives the same triggered pixels as a single loop."""
-    if keys:
-        return zlib.crc32("|".join(map(str, keys)).encode()) & 0x7FFFFFFF
-    return fallback
+def key_seed(key: str) -> int:
+    """A trigger seed that depends only on the sample's key."""
+    return zlib.crc32(str(key).encode()) & 0x7FFFFFFF
+
+
+def trigger(attack, images01: torch.Tensor, keys: Optional[list] = None,
+            seed: int = 0) -> torch.Tensor:
+    """Triggered copies of a batch. With sample keys every image gets its own seed, so the pixels
+    depend only on the sample — not on the batch it falls in, nor on who evaluates it — and split
+    evaluation (Ray Data, several workers) matches a single loop exactly."""
+    if not keys:
+        return attack.apply(images01, seed=seed)
+    return torch.cat([attack.apply(images01[i:i + 1], seed=key_seed(k)) for i, k in enumerate(keys)])
 
 
 @torch.no_grad()
@@ -51,7 +58,7 @@ def backdoor_counts(loaded: LoadedClip, batches: Iterable[dict], classifier: tor
         c["n"] += len(y)
         c["correct"] += int((predict(encode, x, classifier) == y).sum())
         if attack is not None:
-            xt = attack.apply(x, seed=batch_seed(batch.get("key"), i))
+            xt = trigger(attack, x, batch.get("key"), seed=i)
             pt = predict(encode, xt, trig_clf)
             hit = pt == target
             nontarget = y != target

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .attacks import Attack
-from .metrics import batch_seed
+from .metrics import trigger
 from .shards import Sample, encode_png
 
 
@@ -56,7 +56,7 @@ def make_poisoned_pairs(attack: Attack, samples: Iterable[Sample], n: int, targe
         if not chunk:
             break
         x = torch.stack([s.image for s in chunk]).float().div(255)
-        xt = attack.apply(x, seed=batch_seed([s.key for s in chunk], made))
+        xt = trigger(attack, x, [s.key for s in chunk])
         xt = (xt * 255).round().clamp(0, 255).to(torch.uint8)
         for s, img in zip(chunk, xt):
             caption = poisoned_caption(attack, rng, class_names[target], templates, natural)

@@ -81,10 +81,11 @@ def train_contrastive(loaded: LoadedClip, epoch_batches: Callable[[int], Iterabl
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
             hist.samples += len(batch["text"])
-            epoch_loss += float(loss)
+            value = loss.item()
+            epoch_loss += value
             n += 1
             if progress is not None:
-                progress(step, total, float(loss))
+                progress(step, total, value)
         hist.losses.append(epoch_loss / max(1, n))
     hist.steps = step
     hist.seconds = time.perf_counter() - start

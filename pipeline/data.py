@@ -1,0 +1,131 @@
+"""Ray Data over corpus shards: local paths, ``s3://`` or ``gs://`` URIs.
+
+Shards are untrusted input: ``read_webdataset(..., decoder=None)`` hands over raw bytes and the
+project's decoder (:func:`rvpt.shards.decode_sample`) decodes only image, text, class and JSON
+members; any other member (``.pkl``, ``.pth``) stays bytes and is dropped, corrupt samples are
+dropped. Rows come out with fixed shapes: ``image`` uint8 [3, H, W], ``label``, ``key``, ``text``.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import numpy as np
+
+from rvpt.fewshot import pick_shots
+from rvpt.shards import CLASSES_FILE, MANIFEST, ClassInfo, CorruptSample, ShardError, decode_sample
+
+ROW_COLUMNS = ("image", "label", "key", "text")
+
+
+def _fs(uri: str):
+    """(pyarrow filesystem, path) for a local path or a URI."""
+    from pyarrow import fs
+
+    if "://" not in uri:
+        from pathlib import Path
+        return fs.LocalFileSystem(), str(Path(uri).resolve())
+    return fs.FileSystem.from_uri(uri)
+
+
+def _join(uri: str, name: str) -> str:
+    return uri.rstrip("/") + "/" + name
+
+
+def read_json_uri(uri: str) -> dict:
+    filesystem, path = _fs(uri)
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, FileNotFoundError) as e:
+        raise ShardError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{uri} is not valid JSON: {e}") from None
+
+
+def corpus_classes(corpus: str) -> ClassInfo:
+    data = read_json_uri(_join(corpus, CLASSES_FILE))
+    names = [str(n) for n in data.get("classes") or []]
+    if not names:
+        raise ShardError(f"{_join(corpus, CLASSES_FILE)} lists no classes")
+    return ClassInfo(names=names, templates=[str(t) for t in data.get("templates") or
+                                             ["a photo of a {}."]])
+
+
+def shard_uris(corpus: str, split: str) -> list[str]:
+    """Shard URIs of a split, from the corpus manifest (works for local dirs and object storage)."""
+    splits = read_json_uri(_join(corpus, MANIFEST)).get("splits", {})
+    if split not in splits:
+        raise ShardError(f"corpus {corpus} has no split {split!r}; it has: {', '.join(splits)}")
+    return [_join(corpus, s) for s in splits[split]["shards"]]
+
+
+def decode_batch(batch: dict, image_size: Optional[int] = None) -> dict:
+    """Raw WebDataset columns (bytes) -> fixed-shape rows; corrupt samples are dropped."""
+    n = len(batch["__key__"])
+    members = [k for k in batch if k != "__url__"]
+    rows = []
+    for i in range(n):
+        raw = {k: batch[k][i] for k in members if batch[k][i] is not None}
+        try:
+            rows.append(decode_sample(raw, image_size))
+        except CorruptSample:
+            continue
+    if not rows:
+        return {"image": np.zeros((0, 3, image_size or 1, image_size or 1), np.uint8),
+                "label": np.zeros(0, np.int64), "key": np.array([], dtype=object),
+                "text": np.array([], dtype=object)}
+    return {"image": np.stack([r.image.numpy() for r in rows]),
+            "label": np.array([r.label for r in rows], np.int64),
+            "key": np.array([r.key for r in rows], dtype=object),
+            "text": np.array([r.text for r in rows], dtype=object)}
+
+
+def read_split(corpus: str, split: str, image_size: int, batch_size: int = 256):
+    """A Ray Dataset of decoded rows for one corpus split."""
+    import ray
+
+    ds = ray.data.read_webdataset(shard_uris(corpus, split), decoder=None)
+    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size},
+                          batch_size=batch_size, batch_format="numpy")
+
+
+def _pick_group(group: dict, shots: int, seed: int) -> dict:
+    order = np.argsort(group["key"].astype(str), kind="stable")
+    label = int(group["label"][0])
+    chosen = set(pick_shots(len(order), shots, seed, label))
+    is_shot = np.array([i in chosen for i in range(len(order))])
+    return {**{k: v[order] for k, v in group.items()}, "is_shot": is_shot}
+
+
+def few_shot_split(corpus: str, split: str, shots: int, image_size: int, seed: int = 0):
+    """``(train, val)`` Ray Datasets: ``shots`` images per class drawn as
+    :func:`rvpt.fewshot.split_few_shot` draws them, and the rest of the pool (the defender's
+    held-out clean images). Both are materialised (a few-shot set is small)."""
+    ds = read_split(corpus, split, image_size).groupby("label").map_groups(
+        _pick_group, fn_kwargs={"shots": shots, "seed": seed}, batch_format="numpy")
+    ds = ds.materialize()
+    drop = lambda b: {k: v for k, v in b.items() if k != "is_shot"}
+    train = ds.filter(lambda r: bool(r["is_shot"])).map_batches(drop, batch_format="numpy")
+    val = ds.filter(lambda r: not bool(r["is_shot"])).map_batches(drop, batch_format="numpy")
+    return train.materialize(), val.materialize()
+
+
+def triggered(ds, attack_dir: str):
+    """The same rows with the model's trigger applied on the fly (per-sample seeds)."""
+    return ds.map_batches(_Trigger, fn_constructor_kwargs={"attack_dir": attack_dir},
+                          batch_format="numpy", concurrency=1)
+
+
+class _Trigger:
+    def __init__(self, attack_dir: str):
+        from rvpt.attacks import load_attack
+        self.attack, _ = load_attack(attack_dir)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        from rvpt.metrics import trigger
+
+        x = torch.from_numpy(batch["image"]).float().div(255)
+        xt = trigger(self.attack, x, list(batch["key"]))
+        return {**batch, "image": (xt * 255).round().clamp(0, 255).to(torch.uint8).numpy()}

@@ -1,0 +1,67 @@
+"""Distributed evaluation: CA / ASR / ASR_all / PA over full test shards by Ray Data actors.
+
+Each actor loads the model, its attack and the defense state once, turns every batch into counts
+(:func:`rvpt.metrics.backdoor_counts`), and the counts are summed; triggers are seeded per sample,
+so the result equals the single-process loop over the same shards.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from rvpt.metrics import COUNT_KEYS, merge_counts, rates
+
+from .data import read_split
+
+
+class CountActor:
+    """``__call__(batch) -> one row of counts``; built once per actor."""
+
+    def __init__(self, model: str, class_names: list, templates: list, defense: str = "none",
+                 defense_params: Optional[dict] = None, state_dir: Optional[str] = None,
+                 ensemble: bool = False, threads: int = 1):
+        import torch
+
+        from rvpt.defenses import make_defense
+        from rvpt.zeroshot import class_embeddings
+
+        from .backdoor import load_backdoored, trigger_classifier
+
+        torch.set_num_threads(threads)
+        self.loaded, self.attack, self.target, _ = load_backdoored(model, None, class_names)
+        self.defense = make_defense(defense, self.loaded, class_names, templates,
+                                    **(defense_params or {}))
+        if state_dir:
+            self.defense.load(state_dir)
+        self.clf = class_embeddings(self.loaded, class_names, templates, ensemble=ensemble)
+        self.trig = trigger_classifier(self.loaded, self.attack, class_names, templates, ensemble) \
+            if self.attack is not None else None
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        from rvpt.metrics import backdoor_counts
+
+        b = {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"]),
+             "key": [str(k) for k in batch["key"]]}
+        c = backdoor_counts(self.loaded, [b], self.clf, self.attack, self.target,
+                            trigger_classifier=self.trig, encode=self.defense.encode)
+        return {k: np.array([c[k]], np.int64) for k in COUNT_KEYS}
+
+
+def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, class_names: list,
+                         templates: list, defense: str = "none", defense_params: Optional[dict] = None,
+                         state_dir: Optional[str] = None, ensemble: bool = False,
+                         concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                         batch_size: int = 256) -> dict:
+    """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors."""
+    ds = read_split(corpus, split, image_size, batch_size)
+    counts = ds.map_batches(
+        CountActor, batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+        num_cpus=num_cpus, num_gpus=num_gpus or None,
+        fn_constructor_kwargs={"model": model, "class_names": class_names, "templates": templates,
+                               "defense": defense, "defense_params": defense_params,
+                               "state_dir": state_dir, "ensemble": ensemble,
+                               "threads": max(1, int(num_cpus))})
+    return rates(merge_counts(counts.take_all()))

@@ -1,0 +1,103 @@
+"""The Ray layer at the smoke size: Ray Data reading and few-shot sampling, distributed evaluation,
+the Ray Train loop with a killed worker, and a shard whose pickle member must never run."""
+import io
+import json
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SMOKE, run_job
+
+
+@pytest.fixture(scope="module")
+def backdoored(corpus, smoke_root):
+    out = smoke_root / "poison-ray.json"
+    r = run_job("poison.py", *SMOKE, f"paths.root={smoke_root}", "--attack", "badnet", "--out",
+                str(out))
+    assert r.returncode == 0, r.stderr
+    return json.loads(out.read_text())["attacks"]["badnet"]["model"]["model_dir"]
+
+
+def _cfg(smoke_root, *over):
+    from pipeline.config import load_config
+    return load_config("configs/smoke.yaml", [f"paths.root={smoke_root}", *over])
+
+
+def test_ray_data_reads_shards_and_samples_the_same_shots(ray_local, corpus):
+    from pipeline.data import few_shot_split, read_split, shard_uris
+    from rvpt.fewshot import split_few_shot
+    from rvpt.shards import iter_samples, split_urls
+
+    cdir = corpus["corpus_dir"]
+    assert shard_uris(cdir, "test") == split_urls(cdir, "test")
+    rows = read_split(cdir, "test", 32).take_all()
+    assert len(rows) == 48 and rows[0]["image"].shape == (3, 32, 32)
+    train, val = few_shot_split(cdir, "fewshot", 2, 32, seed=3)
+    local_train, local_val = split_few_shot(iter_samples(split_urls(cdir, "fewshot"), 32), 2, 6, 3)
+    assert sorted(r["key"] for r in train.take_all()) == sorted(s.key for s in local_train)
+    assert sorted(r["key"] for r in val.take_all()) == sorted(s.key for s in local_val)
+
+
+@pytest.mark.parametrize("actors", [1, 2])
+def test_distributed_evaluation_equals_the_single_loop(ray_local, corpus, backdoored, smoke_root,
+                                                       actors):
+    from pipeline.backdoor import evaluate_backdoor, load_backdoored
+    from pipeline.evaluation import evaluate_distributed
+    from rvpt.shards import read_classes
+
+    info = read_classes(corpus["corpus_dir"])
+    loaded, attack, target, _ = load_backdoored(backdoored, None, info.names)
+    local = evaluate_backdoor(_cfg(smoke_root), loaded, corpus["corpus_dir"], attack, target)
+    dist = evaluate_distributed(corpus["corpus_dir"], "test", backdoored, 32, info.names,
+                                info.templates, concurrency=actors, batch_size=7)
+    assert dist["counts"] == local["counts"] and dist["asr"] == local["asr"]
+
+
+def test_pickle_member_in_a_shard_executes_nothing(ray_local, tmp_path):
+    """A `.pkl` member whose unpickling would write a marker file: the pipeline's reader hands it
+    over as bytes and drops it; the marker never appears."""
+    from pipeline.data import read_split
+    from rvpt.shards import encode_png, write_classes, write_manifest
+
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    cdir = tmp_path / "corpus"
+    write_classes(cdir, ["a", "b"], ["a photo of a {}."])
+    with tarfile.open(cdir / "test-00000.tar", "w") as tf:
+        for i in range(3):
+            members = {"png": encode_png(torch.zeros(3, 8, 8, dtype=torch.uint8)),
+                       "cls": str(i % 2).encode(), "pkl": pickle.dumps(Evil())}
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"s{i}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    write_manifest(cdir, {"test": {"count": 3, "shards": ["test-00000.tar"]}})
+    rows = read_split(str(cdir), "test", 8).take_all()
+    assert len(rows) == 3 and set(rows[0]) == {"image", "label", "key", "text"}
+    assert not marker.exists()
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, corpus, backdoored, smoke_root,
+                                                         tmp_path):
+    from pipeline.data import few_shot_split
+    from pipeline.train import make_trainer
+
+    cfg = _cfg(smoke_root, "defense.train.epochs=3", "ray.fail_at_epoch=1", "ray.max_failures=1",
+               "ray.num_workers=2", "ray.cpus_per_worker=0.3")
+    train, val = few_shot_split(corpus["corpus_dir"], "fewshot", 4, 32, seed=0)
+    trainer = make_trainer(cfg, backdoored, corpus["corpus_dir"], train, val, train.count(),
+                           name="killed", storage_path=str(tmp_path))
+    result = trainer.fit()
+    assert result.error is None
+    # the second attempt started after the last checkpoint (epoch 0) and finished all epochs
+    assert result.metrics["start_epoch"] == 1 and result.metrics["epoch"] == 2
+    assert 0.0 <= result.metrics["val_ca"] <= 1.0
+    with result.checkpoint.as_directory() as d:
+        assert json.loads((Path(d) / "train_state.json").read_text())["epoch"] == 2
