@@ -179,8 +179,10 @@ def sweep(cfg: Config, args: argparse.Namespace) -> dict:
     print(_table(rows, ("attack", "dataset", "defense", "depth", "length", "alpha", "CA %", "ASR %",
                         "ASR_all %", "PA %")))
     if cfg.sweep.report:
-        from . import report
-        res["report"] = report.write_report(res["tracking_uri"], res["experiment"], rule.rule,
-                                            rule.weight, cfg.root() / "reports" / res["experiment"])
+        from . import report, tracking
+        frame = tracking.runs_frame(res["tracking_uri"], res["experiment"])
+        res["report"] = report.write_report(frame, cfg.root() / "reports" / res["experiment"],
+                                            res["experiment"], rule.rule, rule.weight,
+                                            res["tracking_uri"])
         print(f"report: {res['report']['report']}")
     return res

@@ -1,0 +1,112 @@
+"""The verb behind ``jobs/best.py``: the best trial per attack x dataset of a sweep recorded in MLflow,
+by a selection rule (see :mod:`pipeline.select`)."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from . import tracking
+from .config import Config, ConfigError
+from .select import RULES, describe
+
+DEFAULT_EXPERIMENT = "rvpt-sweep"
+DEFAULT_RULE = "ca"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """The options shared by ``jobs/best.py`` and ``jobs/report.py``."""
+    p.add_argument("--tracking-uri", metavar="URI",
+                   help="MLflow tracking URI (default: the config's, else sqlite <paths.root>/mlflow.db)")
+    p.add_argument("--experiment", metavar="NAME",
+                   help=f"MLflow experiment = sweep name (default: the config's sweep.name, "
+                        f"else {DEFAULT_EXPERIMENT})")
+    p.add_argument("--rule", choices=RULES,
+                   help="selection rule: ca (defender-visible), asr or combo (oracles: need the "
+                        "attack); default: the config's sweep.select.rule, else ca")
+    p.add_argument("--weight", type=float, metavar="W",
+                   help="ASR weight of the combo rule: score = CA - W * ASR (default 1)")
+
+
+def _get(obj: Any, dotted: str) -> Any:
+    """``cfg.a.b`` or None when any part is missing (the config may not have that section)."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def resolve(cfg: Config, args: argparse.Namespace) -> dict:
+    """Tracking URI, experiment, rule and weight: the command line, else the config, else defaults."""
+    weight = getattr(args, "weight", None)
+    if weight is None:
+        weight = _get(cfg, "sweep.select.weight")
+    return {
+        "uri": getattr(args, "tracking_uri", None) or _get(cfg, "tracking.uri")
+        or tracking.default_uri(cfg.root()),
+        "experiment": getattr(args, "experiment", None) or _get(cfg, "sweep.name")
+        or DEFAULT_EXPERIMENT,
+        "rule": getattr(args, "rule", None) or _get(cfg, "sweep.select.rule") or DEFAULT_RULE,
+        "weight": 1.0 if weight is None else float(weight),
+    }
+
+
+def load_runs(settings: dict):
+    """The FINISHED runs of the experiment; a missing store or experiment is a user error."""
+    try:
+        return tracking.runs_frame(settings["uri"], settings["experiment"])
+    except tracking.TrackingError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def _num(v: Optional[float], digits: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _cell(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+
+
+def best_rows(rec: dict) -> tuple:
+    """One record of :func:`tracking.best_per_group` as the cells of a human table."""
+    return (rec["attack"], rec["dataset"], _cell(rec["defense"]), *(_cell(rec[k]) for k in
+            ("depth", "length", "alpha", "shots")), *(_pct(rec[k]) for k in
+            ("ca", "asr", "asr_all", "pa")), _num(rec["pr_mean"]), _num(rec["score"]),
+            _cell(rec["run_name"]))
+
+
+BEST_HEADER = ("attack", "dataset", "defense", "depth", "length", "alpha", "shots", "CA %", "ASR %",
+               "ASR_all %", "PA %", "mean PR", "score", "run")
+
+
+def best(cfg: Config, args: argparse.Namespace) -> list[dict]:
+    """Print the best run per attack x dataset and return them as records.
+
+    ``--out FILE.csv`` writes a CSV here (and clears ``args.out`` so that the command-line plumbing
+    does not overwrite it with JSON); any other ``--out`` gets the records as a JSON list.
+    """
+    from .jobs import _table
+
+    s = resolve(cfg, args)
+    df = load_runs(s)
+    top = tracking.best_per_group(df, s["rule"], s["weight"])
+    recs = tracking.records(top)
+    print(f"experiment {s['experiment']!r} ({s['uri']}): {len(df)} finished runs; best per "
+          f"attack x dataset by rule {s['rule']!r}: {describe(s['rule'], s['weight'])}")
+    if recs:
+        print(_table([best_rows(r) for r in recs], BEST_HEADER))
+    else:
+        print("no finished runs yet")
+    out = getattr(args, "out", None)
+    if out and Path(out).suffix.lower() == ".csv":
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        top.to_csv(out, index=False)
+        print(f"wrote {out}")
+        args.out = None  # written here as CSV; pipeline.cli writes JSON only for other suffixes
+    return recs
