@@ -102,7 +102,7 @@ def few_shot_split(corpus: str, split: str, shots: int, image_size: int, seed: i
     """``(train, val)`` Ray Datasets: ``shots`` images per class drawn as
     :func:`rvpt.fewshot.split_few_shot` draws them, and the rest of the pool (the defender's
     held-out clean images). Both are materialised (a few-shot set is small)."""
-    ds = read_split(corpus, split, image_size).groupby("label").map_groups(
+    ds = read_split(corpus, split, image_size).groupby("label", num_partitions=4).map_groups(
         _pick_group, fn_kwargs={"shots": shots, "seed": seed}, batch_format="numpy")
     ds = ds.materialize()
     drop = lambda b: {k: v for k, v in b.items() if k != "is_shot"}

@@ -53,7 +53,7 @@ class CountActor:
 def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, class_names: list,
                          templates: list, defense: str = "none", defense_params: Optional[dict] = None,
                          state_dir: Optional[str] = None, ensemble: bool = False,
-                         concurrency: int = 1, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                         concurrency: int = 1, num_cpus: float = 0.5, num_gpus: float = 0.0,
                          batch_size: int = 256) -> dict:
     """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors."""
     ds = read_split(corpus, split, image_size, batch_size)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -70,13 +72,15 @@ def train_loop_per_worker(config: dict) -> None:
     fail_at: Optional[int] = config.get("fail_at_epoch")
 
     def epoch_batches(epoch: int):
-        if fail_at is not None and ckpt is None and epoch == fail_at and rank == 0:
-            print(f"fail_at_epoch={fail_at}: killing worker {rank} to test recovery", flush=True)
-            os._exit(1)
         it = shard.iter_batches(batch_size=tp.batch_size, batch_format="numpy",
                                 local_shuffle_buffer_size=max(tp.batch_size, 256),
                                 local_shuffle_seed=cfg.seed * 1000 + epoch)
-        return _numpy_batches(it)
+        for i, batch in enumerate(_numpy_batches(it)):
+            if fail_at is not None and ckpt is None and epoch == fail_at and rank == 0 and i == 1:
+                time.sleep(3)  # let the controller register the last checkpoint first
+                print(f"fail_at_epoch={fail_at}: killing worker {rank} mid-epoch", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield batch
 
     def on_epoch_end(epoch: int, stats: dict, opt) -> None:
         metrics = {**stats, "epoch": epoch, "start_epoch": start_epoch}

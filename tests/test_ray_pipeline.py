@@ -89,9 +89,10 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, corpus, back
     from pipeline.data import few_shot_split
     from pipeline.train import make_trainer
 
-    cfg = _cfg(smoke_root, "defense.train.epochs=3", "ray.fail_at_epoch=1", "ray.max_failures=1",
+    cfg = _cfg(smoke_root, "defense.train.epochs=3", "defense.train.shots=2",
+               "defense.train.batch_size=2", "ray.fail_at_epoch=1", "ray.max_failures=1",
                "ray.num_workers=2", "ray.cpus_per_worker=0.3")
-    train, val = few_shot_split(corpus["corpus_dir"], "fewshot", 4, 32, seed=0)
+    train, val = few_shot_split(corpus["corpus_dir"], "fewshot", 2, 32, seed=0)
     trainer = make_trainer(cfg, backdoored, corpus["corpus_dir"], train, val, train.count(),
                            name="killed", storage_path=str(tmp_path))
     result = trainer.fit()
