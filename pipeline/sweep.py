@@ -23,6 +23,8 @@ from typing import Any, Optional
 from .config import Config, ConfigError, config_hash
 
 REUSED = "reused"
+DATA_BUNDLE_CPUS = 1.0
+DATA_BUNDLE_MEMORY = 2 * 2**30
 
 
 # ---------------------------------------------------------------- Ray
@@ -58,7 +60,7 @@ def concurrency(cfg: Config) -> int:
         per = r.num_workers * (r.gpus_per_worker or 1)
         return max(1, int(gpus // per))
     cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // (r.num_workers * r.cpus_per_worker + 0.5)))
+    return max(1, int(cpus // (r.num_workers * r.cpus_per_worker + DATA_BUNDLE_CPUS + 0.01)))
 
 
 # ---------------------------------------------------------------- what a trial is
@@ -226,7 +228,11 @@ def make_tuner(cfg: Config, base: dict):
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.sweep
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base), {"cpu": 0.01})
+    # Ray Data work started inside a trial (few-shot sampling, evaluation actors) is captured by the
+    # trial's placement group: the trial holds a data bundle for it. Train workers come on top.
+    data = {"CPU": DATA_BUNDLE_CPUS, "memory": DATA_BUNDLE_MEMORY}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
+                                    tune.PlacementGroupFactory([{"CPU": 0.01}, data]))
     name = sweep_run_name(cfg, base)
     path = f"{base['storage'].rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
