@@ -315,8 +315,9 @@ def scored(df: "pd.DataFrame", rule: str, weight: float = 1.0) -> "pd.Series":
 def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
                    group: Sequence[str] = ("attack", "dataset")) -> "pd.DataFrame":
     """For each ``group`` (tags, e.g. attack x dataset) of a :func:`runs_frame`, the run with the
-    highest :func:`pipeline.select.score` under ``rule`` (ties: earliest ``start_time``, then
-    ``run_id``). Columns: the group keys, then ``defense``, ``depth``, ``length``, ``alpha``,
+    highest :func:`pipeline.select.score` under ``rule`` (ties: the lowest run name — the sweep
+    names runs after Tune's trials, numbered in creation order, so a tie resolves to the trial
+    Tune's ``get_best_result`` picks — then the earliest ``start_time``, then ``run_id``). Columns: the group keys, then ``defense``, ``depth``, ``length``, ``alpha``,
     ``shots`` (params as numbers), ``ca``, ``asr``, ``asr_all``, ``pa``, ``pr_mean`` (metrics),
     ``score`` (under ``rule``), ``run_id``, ``run_name``. Rows sorted by the group keys; a run
     missing a group tag falls in the group ``"-"``.
@@ -340,7 +341,9 @@ def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
     d["run_id"] = df["run_id"]
     d["run_name"] = column(df, "mlflow.runName", ("tags",))
     d["_start"] = df["start_time"]
-    d = d.sort_values(["score", "_start", "run_id"], ascending=[False, True, True], kind="mergesort")
+    d["_name"] = d["run_name"].map(lambda v: "" if v is None else str(v))
+    d = d.sort_values(["score", "_name", "_start", "run_id"], ascending=[False, True, True, True],
+                      kind="mergesort")
     best = d.groupby(group, sort=False, dropna=False).head(1)
     return best.sort_values(group, kind="mergesort")[columns].reset_index(drop=True)
 

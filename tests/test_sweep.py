@@ -1,0 +1,142 @@
+"""jobs/sweep.py end to end at the smoke size (each run starts its own local Ray on 127.0.0.1),
+re-runs and resumption, jobs/best.py against Tune's own choice, and `ray job submit` against a
+real local cluster."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SMOKE, run_job
+
+TWO_TRIALS = "sweep.space.length=[2]"  # rvpt + vpt
+
+
+def _runs(root: Path, experiment: str = "smoke"):
+    from pipeline import tracking
+    return tracking.runs_frame(f"sqlite:///{root / 'mlflow.db'}", experiment)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    out = root / "sweep.json"
+    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "--out", str(out), timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return root, json.loads(out.read_text()), r.stdout
+
+
+def test_sweep_records_every_trial_in_mlflow(swept):
+    root, res, stdout = swept
+    assert res["trials"] == 4 and not res["errors"]  # depth [3] x length [2, 4] x {rvpt a=2, vpt}
+    df = _runs(root)
+    assert len(df) == 4 and df["tags.trial_key"].nunique() == 4
+    assert set(df["tags.defense"]) == {"rvpt", "vpt"} and set(df["tags.attack"]) == {"badnet"}
+    assert set(df["tags.dataset"]) == {"synthetic"}
+    assert set(df["params.length"]) == {"2", "4"}
+    assert set(df.loc[df["tags.defense"] == "vpt", "params.alpha"]) == {"0.0"}
+    for m in ("ca", "asr", "asr_all", "pa", "pr_mean", "val_ca", "score", "pr/noise/0"):
+        assert df[f"metrics.{m}"].notna().all(), m
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    names = {a.path for a in client.list_artifacts(df["run_id"][0])}
+    assert {"config.yaml", "prompts"} <= names
+    assert "best per attack x dataset" in stdout
+    assert Path(res["report"]["report"]).exists()
+
+
+def test_best_job_picks_tunes_best_trial(swept):
+    root, res, _ = swept
+    out = root / "best.json"
+    r = run_job("best.py", *SMOKE, f"paths.root={root}", "--rule", "ca", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    best = json.loads(out.read_text())
+    assert len(best) == 1  # one attack x dataset group
+    df = _runs(root)
+    key = df.loc[df["run_id"] == best[0]["run_id"], "tags.trial_key"].item()
+    assert key == res["tune_best_trial_key"]
+
+
+def test_rerunning_a_finished_sweep_adds_no_runs(swept):
+    root, res, _ = swept
+    before = set(_runs(root)["run_id"])
+    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming sweep" in r.stdout
+    assert set(_runs(root)["run_id"]) == before
+
+
+def test_interrupted_sweep_resumes_without_repeating_trials(swept):
+    root, _, _ = swept  # corpus and models are built: only trials run here
+    args = [sys.executable, str(REPO / "jobs" / "sweep.py"), *SMOKE, f"paths.root={root}",
+            "sweep.name=interrupted", TWO_TRIALS, "sweep.max_concurrent_trials=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    first = None
+    try:
+        while time.time() < deadline and p.poll() is None:
+            time.sleep(3)
+            try:
+                df = _runs(root, "interrupted")
+            except Exception:
+                continue
+            if len(df):
+                first = set(df["run_id"])
+                break
+        assert first, "no trial finished before the deadline"
+        os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C would
+        p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "sweep.name=interrupted", TWO_TRIALS,
+                "sweep.max_concurrent_trials=1", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = _runs(root, "interrupted")
+    assert len(df) == 2 and df["tags.trial_key"].nunique() == 2
+    assert first <= set(df["run_id"])  # the finished trial was kept, not repeated
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_local_cluster(tmp_path):
+    """`ray start --head` on 127.0.0.1, then the command from the README."""
+    venv_bin = str(Path(sys.executable).parent)
+    temp = f"/tmp/rvpt-rjs-{os.getpid()}"
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = _free_port(), _free_port()
+    ray = str(Path(venv_bin) / "ray")
+    start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                            "--num-cpus=6", f"--temp-dir={temp}", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True, timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        r = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                            "--working-dir", ".", "--", "python", "jobs/sweep.py", "--config",
+                            "configs/smoke.yaml", f"paths.root={tmp_path}", TWO_TRIALS],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
+        assert "succeeded" in (r.stdout + r.stderr) and "best per attack x dataset" in r.stdout
+        assert len(_runs(tmp_path)) == 2
+    finally:
+        # stop only the processes of this cluster, by their ids
+        pids = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
