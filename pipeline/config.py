@@ -135,7 +135,8 @@ class RayConfig(_Strict):
 
     address: Optional[str] = Field(None, description="Ray address; None: RAY_ADDRESS, or a local "
                                    "instance on 127.0.0.1")
-    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local instance")
+    num_cpus: Optional[int] = Field(None, ge=1, description="logical CPUs of a local instance "
+                                    "(default: max(6, cores), so Ray Data never starves)")
     num_workers: int = Field(1, ge=1, description="Ray Train workers per trial")
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on a small machine")

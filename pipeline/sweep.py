@@ -41,7 +41,8 @@ def ray_init(cfg: Config):
         if address:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         else:
-            ray.init(num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
+            # more logical CPUs than cores: Train workers hold fractions, Ray Data tasks whole ones
+            ray.init(num_cpus=cfg.ray.num_cpus or max(6, os.cpu_count() or 1), include_dashboard=False,
                      _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     DataContext.get_current().enable_progress_bars = False
     return ray

@@ -43,3 +43,11 @@ def test_resolved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg and config_hash(again) == config_hash(cfg)
     assert config_hash(load_config(None, ["seed=4"])) != config_hash(cfg)
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "paper.yaml"])
+def test_shipped_configs_validate(name):
+    from pipeline.config import CONFIG_DIR, load_config
+
+    cfg = load_config(CONFIG_DIR / name)
+    assert cfg.sweep.attacks and cfg.sweep.defenses

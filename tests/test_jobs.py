@@ -59,14 +59,6 @@ def test_pretrain_job_writes_model_and_metrics(corpus, smoke_root):
     assert r.returncode == 0 and json.loads(out.read_text())["model"]["cached"] is True
 
 
-def test_sweep_runs_what_exists_and_says_so(corpus, smoke_root):
-    out = smoke_root / "sweep.json"
-    r = run_job("sweep.py", *SMOKE, f"paths.root={smoke_root}", "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "not built yet" in r.stdout
-    assert "ca" in json.loads(out.read_text())["metrics"]
-
-
 @pytest.mark.parametrize("args, needle", [
     (["pretrain.lr=abc"], "pretrain.lr"),
     (["model.name=ViT-Nope"], "ViT-Tiny-12-p8-32"),
