@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
+
+from ..params import parse_params
 
 ATTACK_FILE = "attack.json"
 TENSOR_FILE = "attack_tensors.safetensors"
@@ -50,13 +52,7 @@ class Attack:
     def __init__(self, image_size: int, seed: int = 0, **params: Any):
         self.image_size = int(image_size)
         self.seed = int(seed)
-        try:
-            self.params = self.Params(**params)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "params"
-            raise AttackError(f"{self.name}: {loc}: {err['msg'].removeprefix('Value error, ')}"
-                              ) from None
+        self.params = parse_params(self.Params, params, self.name, AttackError)
         self.fitted = not self.needs_fit
         self.check()
 

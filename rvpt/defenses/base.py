@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from ..params import parse_params
 
 DEFENSES: dict[str, type["Defense"]] = {}
 
@@ -88,13 +90,7 @@ class Defense:
         self.class_names = list(class_names)
         self.templates = list(templates)
         self.seed = int(seed)
-        try:
-            self.params = self.Params(**params)
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"]) or "params"
-            raise DefenseError(f"{self.name}: {loc}: {err['msg'].removeprefix('Value error, ')}"
-                               ) from None
+        self.params = parse_params(self.Params, params, self.name, DefenseError)
         self.module: nn.Module = nn.Identity()
         self.setup()
 
