@@ -125,10 +125,20 @@ def test_ray_job_submit_against_a_local_cluster(tmp_path):
                            env=env, capture_output=True, text=True, timeout=120)
     try:
         assert start.returncode == 0, start.stderr[-2000:]
-        r = subprocess.run([ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                            "--working-dir", ".", "--", "python", "jobs/sweep.py", "--config",
-                            "configs/smoke.yaml", f"paths.root={tmp_path}", TWO_TRIALS],
-                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", ".", "--", "python", "jobs/sweep.py", "--config",
+                  "configs/smoke.yaml", f"paths.root={tmp_path}", TWO_TRIALS]
+        # `ray start` returns before the node's dashboard agent has registered with the head; until
+        # then the job server answers 500 "No available agent" and creates no job, so a retry is
+        # safe (Ray's own message says "please try again later").
+        deadline = time.time() + 180
+        while True:
+            r = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True,
+                               timeout=900)
+            if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr \
+                    or time.time() > deadline:
+                break
+            time.sleep(5)
         assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
         assert "succeeded" in (r.stdout + r.stderr) and "best per attack x dataset" in r.stdout
         assert len(_runs(tmp_path)) == 2
