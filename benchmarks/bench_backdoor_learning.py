@@ -1,0 +1,139 @@
+"""Can the clean CLIP learn a trigger at all? Fine-tune it on batches with a fixed number of
+poisoned pairs and follow how the poisoned training images move towards the target class.
+
+    .venv/bin/python benchmarks/bench_backdoor_learning.py [--attack badnet] [--params '{}']
+        [--per-batch 8] [--batch 128] [--lr 1e-3] [--steps 300] [--every 50]
+        [--loss clip|ce] [--ce-scale 100] [--freeze-text] [--threads 2] [--out FILE]
+        [key.sub=value ...]
+
+Uses the corpus and clean model of the config (built when missing, as every job does). Poisoned
+pairs are non-target pretrain images (beyond the clean pool) with the trigger applied by the
+project's attack and a target caption from the class templates, as the backdoor factory makes them;
+every batch holds exactly ``--per-batch`` of them. ``--loss clip`` is the factory's objective
+(open_clip's ClipLoss); ``--loss ce`` is a supervised control: cross-entropy of the image embedding
+against the class text embeddings, poisoned images labelled as the target. Every ``--every`` steps
+it prints, for 200 poisoned training images, the mean cosine to the target class's text embedding
+and to their own class's, the share predicted as the target, and ASR / CA on 960 test images.
+"""
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from pipeline import build
+from pipeline.config import load_config
+from rvpt.attacks import make_attack
+from rvpt.metrics import trigger
+from rvpt.poison import target_index
+from rvpt.pretrain import param_groups
+from rvpt.shards import iter_samples, read_classes, split_urls
+from rvpt.zeroshot import class_embeddings, predict
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--attack", default="badnet")
+    ap.add_argument("--params", default="{}", help="attack parameters as JSON")
+    ap.add_argument("--per-batch", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=50)
+    ap.add_argument("--loss", choices=["clip", "ce"], default="clip")
+    ap.add_argument("--ce-scale", type=float, default=100.0)
+    ap.add_argument("--freeze-text", action="store_true")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    if not 0 < args.per_batch < args.batch:
+        sys.exit("--per-batch must be within (0, --batch)")
+    cfg = load_config(None, args.overrides)
+    build.set_threads(args.threads)
+    torch.manual_seed(cfg.seed)
+    corpus = build.resolve_corpus(cfg)
+    loaded = build.load_model(cfg, build.clean_model(cfg, corpus))
+    cdir = corpus["corpus_dir"]
+    info = read_classes(cdir)
+    target = target_index(cfg.poison.target, info.names)
+    attack = make_attack(args.attack, loaded.image_size, seed=cfg.seed, **json.loads(args.params))
+    n_clean = 10000
+    pool = list(itertools.islice(iter_samples(split_urls(cdir, "pretrain"), loaded.image_size),
+                                 n_clean + 1200))
+    clean, src = pool[:n_clean], [s for s in pool[n_clean:] if s.label != target][:1000]
+    x = torch.stack([s.image for s in src]).float().div(255)
+    xp = trigger(attack, x, [s.key for s in src])
+    own = torch.tensor([s.label for s in src])
+    rng = np.random.default_rng(cfg.seed)
+    captions = [info.templates[int(rng.integers(len(info.templates)))].format(info.names[target])
+                for _ in src]
+    test = list(itertools.islice(iter_samples(split_urls(cdir, "test"), loaded.image_size), 960))
+    tx = torch.stack([s.image for s in test]).float().div(255)
+    ty = torch.tensor([s.label for s in test])
+    txp = trigger(attack, tx, [s.key for s in test])
+
+    model = loaded.model
+    if args.freeze_text:
+        for name, p in model.named_parameters():
+            if not name.startswith("visual.") and "logit_scale" not in name:
+                p.requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, cfg.poison.weight_decay), lr=args.lr,
+                            betas=(0.9, 0.98), eps=1e-6)
+    clip_loss = open_clip.ClipLoss()
+    rows = []
+
+    @torch.no_grad()
+    def probe(step: int, seconds: float) -> None:
+        model.eval()
+        clf = class_embeddings(loaded, info.names, info.templates)
+        sims = loaded.encode_images(xp[:200]) @ clf.T
+        pt = predict(loaded.encode_images, txp, clf)
+        nontarget = ty != target
+        row = {"step": step, "sim_target": round(sims[:, target].mean().item(), 3),
+               "sim_own": round(sims[torch.arange(200), own[:200]].mean().item(), 3),
+               "train_poison_to_target": round((sims.argmax(1) == target).float().mean().item(), 3),
+               "asr": round((pt[nontarget] == target).float().mean().item(), 4),
+               "ca": round((predict(loaded.encode_images, tx, clf) == ty).float().mean().item(), 4),
+               "logit_scale": round(model.logit_scale.exp().item(), 2), "seconds": round(seconds, 1)}
+        rows.append(row)
+        print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+        model.train()
+
+    start = time.perf_counter()
+    probe(0, 0.0)
+    model.train()
+    k, n = args.per_batch, args.batch
+    for step in range(1, args.steps + 1):
+        ip = rng.choice(len(src), k, replace=False)
+        ic = rng.choice(len(clean), n - k, replace=False)
+        images = torch.cat([xp[ip], torch.stack([clean[i].image for i in ic]).float().div(255)])
+        if args.loss == "clip":
+            texts = [captions[i] for i in ip] + [clean[i].text for i in ic]
+            img_f, txt_f, scale = model(loaded.normalize(images), loaded.tokenizer(texts))[:3]
+            loss = clip_loss(img_f, txt_f, scale)
+        else:
+            with torch.no_grad():
+                clf = class_embeddings(loaded, info.names, info.templates)
+            labels = torch.cat([torch.full((k,), target), torch.tensor([clean[i].label for i in ic])])
+            feats = model.encode_image(loaded.normalize(images), normalize=True)
+            loss = F.cross_entropy(args.ce_scale * feats @ clf.T, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, np.log(100))
+        if step % args.every == 0 or step == args.steps:
+            probe(step, time.perf_counter() - start)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
