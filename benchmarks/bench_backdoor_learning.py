@@ -3,15 +3,17 @@ poisoned pairs and follow how the poisoned training images move towards the targ
 
     .venv/bin/python benchmarks/bench_backdoor_learning.py [--attack badnet] [--params '{}']
         [--per-batch 8] [--batch 128] [--lr 1e-3] [--steps 300] [--every 50]
-        [--loss clip|ce] [--ce-scale 100] [--freeze-text] [--threads 2] [--out FILE]
-        [key.sub=value ...]
+        [--loss clip|ce] [--ce-scale 100] [--freeze-text] [--from-scratch] [--warmup 0]
+        [--cosine] [--clean 10000] [--threads 2] [--out FILE] [key.sub=value ...]
 
 Uses the corpus and clean model of the config (built when missing, as every job does). Poisoned
 pairs are non-target pretrain images (beyond the clean pool) with the trigger applied by the
 project's attack and a target caption from the class templates, as the backdoor factory makes them;
 every batch holds exactly ``--per-batch`` of them. ``--loss clip`` is the factory's objective
 (open_clip's ClipLoss); ``--loss ce`` is a supervised control: cross-entropy of the image embedding
-against the class text embeddings, poisoned images labelled as the target. Every ``--every`` steps
+against the class text embeddings, poisoned images labelled as the target. ``--from-scratch``
+starts from random weights instead of the clean model (poisoning during pretraining, as in
+Carlini & Terzis 2021); the probe then measures the clean model's class embeddings. Every ``--every`` steps
 it prints, for 200 poisoned training images, the mean cosine to the target class's text embedding
 and to their own class's, the share predicted as the target, and ASR / CA on 960 test images.
 """
@@ -32,7 +34,8 @@ from pipeline.config import load_config
 from rvpt.attacks import make_attack
 from rvpt.metrics import trigger
 from rvpt.poison import target_index
-from rvpt.pretrain import param_groups
+from rvpt.models import load_clip
+from rvpt.pretrain import cosine_lr, param_groups
 from rvpt.shards import iter_samples, read_classes, split_urls
 from rvpt.zeroshot import class_embeddings, predict
 
@@ -49,6 +52,10 @@ def main():
     ap.add_argument("--loss", choices=["clip", "ce"], default="clip")
     ap.add_argument("--ce-scale", type=float, default=100.0)
     ap.add_argument("--freeze-text", action="store_true")
+    ap.add_argument("--from-scratch", action="store_true")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
+    ap.add_argument("--cosine", action="store_true", help="cosine decay over --steps")
+    ap.add_argument("--clean", type=int, default=10000, help="clean pretrain pairs to draw from")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
@@ -59,12 +66,13 @@ def main():
     build.set_threads(args.threads)
     torch.manual_seed(cfg.seed)
     corpus = build.resolve_corpus(cfg)
-    loaded = build.load_model(cfg, build.clean_model(cfg, corpus))
+    loaded = load_clip(cfg.model.name) if args.from_scratch else \
+        build.load_model(cfg, build.clean_model(cfg, corpus))
     cdir = corpus["corpus_dir"]
     info = read_classes(cdir)
     target = target_index(cfg.poison.target, info.names)
     attack = make_attack(args.attack, loaded.image_size, seed=cfg.seed, **json.loads(args.params))
-    n_clean = 10000
+    n_clean = args.clean
     pool = list(itertools.islice(iter_samples(split_urls(cdir, "pretrain"), loaded.image_size),
                                  n_clean + 1200))
     clean, src = pool[:n_clean], [s for s in pool[n_clean:] if s.label != target][:1000]
@@ -111,6 +119,9 @@ def main():
     model.train()
     k, n = args.per_batch, args.batch
     for step in range(1, args.steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step - 1, args.steps if args.cosine else 10**12, args.lr,
+                                args.warmup)
         ip = rng.choice(len(src), k, replace=False)
         ic = rng.choice(len(clean), n - k, replace=False)
         images = torch.cat([xp[ip], torch.stack([clean[i].image for i in ic]).float().div(255)])

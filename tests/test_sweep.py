@@ -143,10 +143,21 @@ def test_ray_job_submit_against_a_local_cluster(tmp_path):
         assert "succeeded" in (r.stdout + r.stderr) and "best per attack x dataset" in r.stdout
         assert len(_runs(tmp_path)) == 2
     finally:
-        # stop only the processes of this cluster, by their ids
-        pids = subprocess.run(["pgrep", "-f", temp], capture_output=True, text=True).stdout.split()
-        for pid in pids:
+        # stop only the processes of this cluster, by their ids: the ones whose command line names
+        # its temp dir (gcs, raylet, dashboard) or its GCS address (the client server) and all
+        # their descendants (the agents and workers name neither and would outlive their parents)
+        def pgrep(*a: str) -> list[int]:
+            out = subprocess.run(["pgrep", *a], capture_output=True, text=True).stdout
+            return [int(p) for p in out.split()]
+
+        todo, seen = pgrep("-f", temp) + pgrep("-f", f"127.0.0.1:{port}( |$)"), set()
+        while todo:
+            pid = todo.pop()
+            if pid not in seen and pid != os.getpid():
+                seen.add(pid)
+                todo += pgrep("-P", str(pid))
+        for pid in seen:
             try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
