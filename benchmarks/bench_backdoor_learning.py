@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--from-scratch", action="store_true")
     ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     ap.add_argument("--cosine", action="store_true", help="cosine decay over --steps")
-    ap.add_argument("--clean", type=int, default=10000, help="clean pretrain pairs to draw from")
+    ap.add_argument("--clean", type=int, default=10000, help="clean pretrain pairs to draw from (fewer if the split is smaller)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
@@ -75,7 +75,10 @@ def main():
     n_clean = args.clean
     pool = list(itertools.islice(iter_samples(split_urls(cdir, "pretrain"), loaded.image_size),
                                  n_clean + 1200))
-    clean, src = pool[:n_clean], [s for s in pool[n_clean:] if s.label != target][:1000]
+    if len(pool) <= 1200:
+        sys.exit(f"the pretrain split has only {len(pool)} samples; the probe needs > 1200")
+    # the last 1,200 images are the poison source, never used clean
+    clean, src = pool[:-1200], [s for s in pool[-1200:] if s.label != target][:1000]
     x = torch.stack([s.image for s in src]).float().div(255)
     xp = trigger(attack, x, [s.key for s in src])
     own = torch.tensor([s.label for s in src])
