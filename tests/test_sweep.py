@@ -118,9 +118,14 @@ def test_ray_job_submit_against_a_local_cluster(tmp_path):
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     port, dash = _free_port(), _free_port()
+    # Every port this head opens is a free one: the agent's defaults are fixed (HTTP 52365) and the
+    # session's in-process cluster (conftest) already holds them; an agent that cannot bind its HTTP
+    # port stays alive without it and the job server answers "No available agent" forever (CI saw it).
+    agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     ray = str(Path(venv_bin) / "ray")
     start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *agent,
                             "--num-cpus=6", f"--temp-dir={temp}", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True, timeout=120)
     try:
@@ -131,7 +136,7 @@ def test_ray_job_submit_against_a_local_cluster(tmp_path):
         # `ray start` returns before the node's dashboard agent has registered with the head; until
         # then the job server answers 500 "No available agent" and creates no job, so a retry is
         # safe (Ray's own message says "please try again later").
-        deadline = time.time() + 180
+        deadline = time.time() + 60
         while True:
             r = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True,
                                timeout=900)
@@ -139,7 +144,11 @@ def test_ray_job_submit_against_a_local_cluster(tmp_path):
                     or time.time() > deadline:
                 break
             time.sleep(5)
-        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-2000:])
+        if r.returncode != 0:
+            logs = Path(temp, "session_latest", "logs", "dashboard_agent.log")
+            agent_log = logs.read_text(errors="replace")[-2000:] if logs.exists() else "(no agent log)"
+            pytest.fail(f"ray job submit failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}\n"
+                        f"dashboard agent log:\n{agent_log}")
         assert "succeeded" in (r.stdout + r.stderr) and "best per attack x dataset" in r.stdout
         assert len(_runs(tmp_path)) == 2
     finally:
