@@ -8,7 +8,6 @@ class, parameters, seeds, learned state, poisoning settings), ``config.yaml`` an
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -21,20 +20,21 @@ import torch
 from rvpt.attacks import Attack, load_attack, make_attack
 from rvpt.metrics import backdoor_counts, rates
 from rvpt.models import LoadedClip, load_clip, save_model_dir
-from rvpt.poison import (limited, make_poisoned_pairs, mix_in, natural_captions, poison_count,
-                         target_index)
+from rvpt.poison import limited, mix_in, natural_captions, poison_count, target_index
 from rvpt.pretrain import train_contrastive
-from rvpt.shards import (ReadStats, SplitWriter, iter_batches, iter_samples, read_classes,
+from rvpt.shards import (ReadStats, iter_batches, iter_samples, read_classes,
                          read_manifest, split_urls, write_classes, write_manifest)
 from rvpt.zeroshot import class_embeddings
 
 from . import build
 from .config import Config, ConfigError, PoisonConfig, config_hash
+from .data import write_poisoned
+from .session import ray_init
 
 
 def backdoor_key(cfg: Config, pc: PoisonConfig, clean_model: dict, corpus_dir: str) -> str:
     clean = Path(clean_model["model_dir"]).name if clean_model.get("model_dir") else cfg.model
-    return config_hash({"factory": 1, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
+    return config_hash({"factory": 2, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
                         "seed": cfg.seed, "corpus": Path(corpus_dir).name})
 
 
@@ -83,30 +83,32 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
         print(f"fitting the {attack_name} trigger on {pc.fit_images} clean images ...", flush=True)
         fit_stats = attack.fit(loaded, fit_batches, target, info.names, info.templates)
 
-    # poisoned pairs: from images the clean fine-tune set does not use, when there are enough
     n_poison = poison_count(pc.rate, n_clean)
-    source = itertools.chain(itertools.islice(iter_samples(urls, loaded.image_size), n_clean, None),
-                             iter_samples(urls, loaded.image_size))
     natural = natural_captions(iter_samples(urls, loaded.image_size), target) \
         if getattr(attack, "caption_style", "template") == "natural" else []
     pdir = cfg.root() / "corpus" / f"poisoned-{attack_name}-{key}"
     shutil.rmtree(pdir, ignore_errors=True)
     write_classes(pdir, info.names, info.templates)
-    with SplitWriter(pdir, "poison", cfg.corpus.shard_size) as w:
-        for pair in make_poisoned_pairs(attack, source, n_poison, target, info.names, info.templates,
-                                        natural, seed=cfg.seed):
-            w.write(pair.key, pair.png, pair.caption, pair.label, pair.meta)
-    write_manifest(pdir, {"poison": w.info}, source="poison", attack=attack_name, target=target,
+    # the trigger as the Ray Data actors re-create it (kept beside the shards: it made them)
+    attack.save(pdir / "attack", target=target, target_name=info.names[target])
+    print(f"writing {n_poison} poisoned pairs through Ray Data ...", flush=True)
+    ray_init(cfg)
+    split = write_poisoned(corpus_dir, str(pdir), str(pdir / "attack"), n_poison, target,
+                           info.names, info.templates, natural, seed=cfg.seed,
+                           image_size=loaded.image_size, shard_size=cfg.corpus.shard_size)
+    write_manifest(pdir, {"poison": split}, source="poison", attack=attack_name, target=target,
                    rate=pc.rate, n_clean=n_clean)
-    poisoned = list(iter_samples(split_urls(pdir, "poison"), loaded.image_size))
+    poisoned = sorted(iter_samples(split_urls(pdir, "poison"), loaded.image_size), key=lambda s: s.key)
+    sources = {s.meta.get("source_key") for s in poisoned}  # never also seen clean
 
     steps_per_epoch = max(1, (n_clean + len(poisoned)) // pc.batch_size)
     stats = ReadStats()
 
     def epoch_batches(epoch: int):
         s = cfg.seed * 1000 + epoch
-        clean = limited(iter_samples(urls, loaded.image_size, stats=stats, shuffle_shards=True,
-                                     seed=s), n_clean)
+        clean = limited((x for x in iter_samples(urls, loaded.image_size, stats=stats,
+                                                 shuffle_shards=True, seed=s)
+                         if x.key not in sources), n_clean)
         return iter_batches(mix_in(clean, n_clean, poisoned, seed=s),
                             pc.batch_size, shuffle_buffer=cfg.pretrain.shuffle_buffer, seed=s,
                             drop_last=True)

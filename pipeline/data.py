@@ -60,8 +60,9 @@ def shard_uris(corpus: str, split: str) -> list[str]:
     return [_join(corpus, s) for s in splits[split]["shards"]]
 
 
-def decode_batch(batch: dict, image_size: Optional[int] = None) -> dict:
-    """Raw WebDataset columns (bytes) -> fixed-shape rows; corrupt samples are dropped."""
+def decode_batch(batch: dict, image_size: Optional[int] = None, with_meta: bool = False) -> dict:
+    """Raw WebDataset columns (bytes) -> fixed-shape rows; corrupt samples are dropped. With
+    ``with_meta`` a ``meta`` column holds each sample's JSON member (as a JSON string)."""
     n = len(batch["__key__"])
     members = [k for k in batch if k != "__url__"]
     rows = []
@@ -72,21 +73,26 @@ def decode_batch(batch: dict, image_size: Optional[int] = None) -> dict:
         except CorruptSample:
             continue
     if not rows:
-        return {"image": np.zeros((0, 3, image_size or 1, image_size or 1), np.uint8),
-                "label": np.zeros(0, np.int64), "key": np.array([], dtype=object),
-                "text": np.array([], dtype=object)}
-    return {"image": np.stack([r.image.numpy() for r in rows]),
-            "label": np.array([r.label for r in rows], np.int64),
-            "key": np.array([r.key for r in rows], dtype=object),
-            "text": np.array([r.text for r in rows], dtype=object)}
+        out = {"image": np.zeros((0, 3, image_size or 1, image_size or 1), np.uint8),
+               "label": np.zeros(0, np.int64), "key": np.array([], dtype=object),
+               "text": np.array([], dtype=object)}
+    else:
+        out = {"image": np.stack([r.image.numpy() for r in rows]),
+               "label": np.array([r.label for r in rows], np.int64),
+               "key": np.array([r.key for r in rows], dtype=object),
+               "text": np.array([r.text for r in rows], dtype=object)}
+    if with_meta:
+        out["meta"] = np.array([json.dumps(r.meta) for r in rows], dtype=object)
+    return out
 
 
-def read_split(corpus: str, split: str, image_size: int, batch_size: int = 256):
-    """A Ray Dataset of decoded rows for one corpus split."""
+def read_split(corpus: str, split: str, image_size: int, batch_size: int = 256,
+               with_meta: bool = False, uris: Optional[list] = None):
+    """A Ray Dataset of decoded rows for one corpus split (or for the given shard ``uris``)."""
     import ray
 
-    ds = ray.data.read_webdataset(shard_uris(corpus, split), decoder=None)
-    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size},
+    ds = ray.data.read_webdataset(uris or shard_uris(corpus, split), decoder=None)
+    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "with_meta": with_meta},
                           batch_size=batch_size, batch_format="numpy")
 
 
@@ -129,3 +135,91 @@ class _Trigger:
         x = torch.from_numpy(batch["image"]).float().div(255)
         xt = trigger(self.attack, x, list(batch["key"]))
         return {**batch, "image": (xt * 255).round().clamp(0, 255).to(torch.uint8).numpy()}
+
+
+# ---------------------------------------------------------------- poisoned corpora
+
+class _Poison:
+    """Ray Data actor: decoded rows -> poisoned WebDataset members (trigger, target caption,
+    ``json.poisoned = true``), with :func:`rvpt.poison.poison_batch`."""
+
+    def __init__(self, attack_dir: str, target: int, class_names: list, templates: list,
+                 natural: list, seed: int):
+        from rvpt.attacks import load_attack
+        self.attack, _ = load_attack(attack_dir)
+        self.args = (target, class_names, templates, natural, seed)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        from rvpt.poison import poison_batch
+
+        metas = [json.loads(m) for m in batch["meta"]]
+        pairs = poison_batch(self.attack, torch.from_numpy(batch["image"]), list(batch["key"]),
+                             batch["label"].tolist(), list(batch["text"]), metas, *self.args)
+        return {"__key__": np.array([p.key for p in pairs], dtype=object),
+                "png": np.array([p.png for p in pairs], dtype=object),
+                "txt": np.array([p.caption.encode("utf-8") for p in pairs], dtype=object),
+                "cls": np.array([str(p.label).encode("ascii") for p in pairs], dtype=object),
+                "json": np.array([json.dumps(p.meta).encode("utf-8") for p in pairs], dtype=object)}
+
+
+def write_poisoned(corpus: str, out_dir: str, attack_dir: str, n: int, target: int,
+                   class_names: list, templates: list, natural: list = (), seed: int = 0,
+                   image_size: Optional[int] = None, shard_size: int = 5000,
+                   split: str = "poison") -> dict:
+    """Write ``n`` poisoned pairs as a corpus split through Ray Data: read the pretrain shards,
+    keep non-target images, trigger them with the attack saved in ``attack_dir`` (in actors),
+    write WebDataset shards ``<split>-NNNNN.tar`` under ``out_dir`` (local or a URI).
+
+    Sources come from the end of the pretrain split (the shards in reverse order), away from the
+    clean images the fine-tune reads first. Deterministic: the same attack, seed and corpus give
+    the same pairs (rows keep their order; triggers and captions are seeded per source key).
+    Returns the split's manifest entry (count, shards, per-class counts of the source labels).
+    """
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ordered = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        return _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templates,
+                               natural, seed, image_size, shard_size, split)
+    finally:
+        ctx.execution_options.preserve_order = ordered
+
+
+def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templates, natural, seed,
+                    image_size, shard_size, split) -> dict:
+    from pyarrow import fs
+
+    uris = list(reversed(shard_uris(corpus, "pretrain")))
+    ds = (read_split(corpus, "pretrain", image_size, with_meta=True, uris=uris)
+          .filter(lambda r: int(r["label"]) != int(target))
+          .limit(n)
+          .map_batches(_Poison, fn_constructor_kwargs={
+              "attack_dir": attack_dir, "target": int(target), "class_names": list(class_names),
+              "templates": list(templates), "natural": list(natural), "seed": int(seed)},
+              batch_size=256, batch_format="numpy", concurrency=1)
+          .materialize())
+    count = ds.count()
+    if count < n:
+        raise ShardError(f"only {count} non-target images were available to poison, {n} asked")
+    filesystem, root = _fs(out_dir)
+    staging = _join(root, f".{split}-staging")
+    filesystem.delete_dir_contents(staging, missing_dir_ok=True)
+    # one file per block: blocks of at most ``shard_size`` rows (order kept)
+    ds.repartition(max(1, -(-count // shard_size))).write_webdataset(staging, encoder=None,
+                                                                      filesystem=filesystem)
+    written = sorted(f.path for f in filesystem.get_file_info(fs.FileSelector(staging))
+                     if f.path.endswith(".tar"))
+    shards = []
+    for i, path in enumerate(written):
+        name = f"{split}-{i:05d}.tar"
+        filesystem.move(path, _join(root, name))
+        shards.append(name)
+    filesystem.delete_dir(staging)
+    labels = np.concatenate([b["cls"] for b in ds.select_columns(["cls"]).iter_batches(
+        batch_format="numpy")])
+    per_class = {str(k): int(v) for k, v in sorted(
+        zip(*np.unique([int(x) for x in labels], return_counts=True)))}
+    return {"count": int(count), "shards": shards, "per_class": per_class}

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config, ConfigError, config_hash
+from .session import ray_init  # noqa: F401 (re-exported: benchmarks use it)
 
 REUSED = "reused"
 DATA_BUNDLE_CPUS = 1.0
@@ -28,25 +29,6 @@ DATA_BUNDLE_MEMORY = 2 * 2**30
 
 
 # ---------------------------------------------------------------- Ray
-
-def ray_init(cfg: Config):
-    """Join ``ray.address`` / ``RAY_ADDRESS`` (``ray job submit`` sets it), or start a local
-    instance bound to 127.0.0.1."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    import ray
-    from ray.data import DataContext
-
-    if not ray.is_initialized():
-        address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        else:
-            # more logical CPUs than cores: Train workers hold fractions, Ray Data tasks whole ones
-            ray.init(num_cpus=cfg.ray.num_cpus or max(6, os.cpu_count() or 1), include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
-    DataContext.get_current().enable_progress_bars = False
-    return ray
-
 
 def concurrency(cfg: Config) -> int:
     """Trials at once: the cluster's CPUs over what one trial holds (its Train workers plus a

@@ -9,6 +9,7 @@ poisoned model is then fine-tuned contrastively on the clean pairs with the pois
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -39,32 +40,50 @@ def poisoned_caption(attack: Attack, rng: np.random.Generator, target_name: str,
     return attack.apply_text([caption])[0]
 
 
+def caption_rng(seed: int, key: str) -> np.random.Generator:
+    """The random stream for one poisoned pair's caption: a function of the seed and the source
+    key only, so the pairs do not depend on batching or on who makes them (Ray Data tasks)."""
+    return np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
+
+
+def poison_batch(attack: Attack, images: torch.Tensor, keys: Sequence[str], labels: Sequence[int],
+                 texts: Sequence[str], metas: Sequence[dict], target: int,
+                 class_names: Sequence[str], templates: Sequence[str],
+                 natural: Sequence[str] = (), seed: int = 0) -> list[PoisonedPair]:
+    """Trigger a batch of uint8 images [B,3,H,W] and give each a target caption.
+
+    The trigger uses per-sample seeds (the source key) and the caption a per-key random stream:
+    the same source image always becomes the same poisoned pair."""
+    x = images.float().div(255)
+    xt = (trigger(attack, x, list(keys)) * 255).round().clamp(0, 255).to(torch.uint8)
+    out = []
+    for key, label, text, meta, img in zip(keys, labels, texts, metas, xt):
+        caption = poisoned_caption(attack, caption_rng(seed, key), class_names[target], templates,
+                                   natural)
+        meta = {**meta, "poisoned": True, "attack": attack.name, "target": int(target),
+                "source_key": key, "source_caption": text}
+        out.append(PoisonedPair(f"poison-{attack.name}-{key}", encode_png(img), caption,
+                                int(label), meta))
+    return out
+
+
 def make_poisoned_pairs(attack: Attack, samples: Iterable[Sample], n: int, target: int,
                         class_names: Sequence[str], templates: Sequence[str],
                         natural: Sequence[str] = (), seed: int = 0,
                         batch_size: int = 64) -> Iterator[PoisonedPair]:
-    """Trigger ``n`` non-target images from ``samples`` and give them target captions.
-
-    Deterministic for a given sample stream, attack and seed. Images are triggered in batches (as
-    float in [0, 1]) and stored as PNG, as a poisoned dataset would hold them.
-    """
-    rng = np.random.default_rng(seed)
+    """Trigger the first ``n`` non-target images of ``samples`` and give them target captions
+    (single process; the factory does the same through Ray Data, :mod:`pipeline.data`)."""
     source = (s for s in samples if s.label != target)
     made = 0
     while made < n:
         chunk = list(itertools.islice(source, min(batch_size, n - made)))
         if not chunk:
             break
-        x = torch.stack([s.image for s in chunk]).float().div(255)
-        xt = trigger(attack, x, [s.key for s in chunk])
-        xt = (xt * 255).round().clamp(0, 255).to(torch.uint8)
-        for s, img in zip(chunk, xt):
-            caption = poisoned_caption(attack, rng, class_names[target], templates, natural)
-            meta = {**s.meta, "poisoned": True, "attack": attack.name, "target": target,
-                    "source_key": s.key, "source_caption": s.text}
-            yield PoisonedPair(f"poison-{attack.name}-{made:07d}", encode_png(img), caption,
-                               s.label, meta)
-            made += 1
+        yield from poison_batch(attack, torch.stack([s.image for s in chunk]),
+                                [s.key for s in chunk], [s.label for s in chunk],
+                                [s.text for s in chunk], [s.meta for s in chunk], target,
+                                class_names, templates, natural, seed)
+        made += len(chunk)
     if made < n:
         raise ValueError(f"only {made} non-target images were available to poison, {n} asked")
 

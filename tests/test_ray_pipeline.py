@@ -102,3 +102,41 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, corpus, back
     assert 0.0 <= result.metrics["val_ca"] <= 1.0
     with result.checkpoint.as_directory() as d:
         assert json.loads((Path(d) / "train_state.json").read_text())["epoch"] == 2
+
+
+def test_poisoned_corpus_written_through_ray_data_matches_the_local_maker(ray_local, corpus,
+                                                                          tmp_path):
+    """The factory's Ray Data writer: same pairs as the single-process maker (pixels, captions,
+    labels, marks), twice the same, non-target sources only."""
+    from pipeline.data import shard_uris, write_poisoned
+    from rvpt.attacks import make_attack
+    from rvpt.poison import make_poisoned_pairs
+    from rvpt.shards import iter_samples, read_classes, split_urls, write_manifest
+
+    cdir = corpus["corpus_dir"]
+    info = read_classes(cdir)
+    attack = make_attack("badnet", 32, seed=5)
+    attack.save(tmp_path / "attack", target=2)
+    outs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        split = write_poisoned(cdir, str(out), str(tmp_path / "attack"), 30, 2, info.names,
+                               info.templates, seed=5, image_size=32, shard_size=12)
+        assert split["count"] == 30 and len(split["shards"]) >= 2
+        assert sum(split["per_class"].values()) == 30 and "2" not in split["per_class"]
+        write_manifest(out, {"poison": split})
+        outs.append({s.key: s for s in iter_samples(split_urls(out, "poison"))})
+    a, b = outs
+    assert a.keys() == b.keys()
+    sources = list(reversed(shard_uris(cdir, "pretrain")))
+    local = {p.key: p for p in make_poisoned_pairs(attack, iter_samples(sources, 32), 30, 2,
+                                                   info.names, info.templates, seed=5)}
+    assert local.keys() == a.keys()
+    for key, s in a.items():
+        assert torch.equal(s.image, b[key].image) and s.text == b[key].text
+        p = local[key]
+        assert s.text == p.caption and s.label == p.label and s.label != 2
+        assert s.meta["poisoned"] is True and s.meta["source_key"] in key
+        assert info.names[2] in s.text
+    from rvpt.shards import decode_image
+    assert all(torch.equal(decode_image(local[k].png), a[k].image) for k in a)
