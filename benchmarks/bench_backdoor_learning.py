@@ -3,7 +3,7 @@ poisoned pairs and follow how the poisoned training images move towards the targ
 
     .venv/bin/python benchmarks/bench_backdoor_learning.py [--attack badnet] [--params '{}']
         [--per-batch 8] [--batch 128] [--lr 1e-3] [--steps 300] [--every 50]
-        [--loss clip|ce] [--ce-scale 100] [--freeze-text] [--from-scratch] [--warmup 0]
+        [--loss clip|ce|detect] [--ce-scale 100] [--freeze-text] [--from-scratch] [--warmup 0]
         [--cosine] [--clean 10000] [--threads 2] [--out FILE] [key.sub=value ...]
 
 Uses the corpus and clean model of the config (built when missing, as every job does). Poisoned
@@ -11,7 +11,10 @@ pairs are non-target pretrain images (beyond the clean pool) with the trigger ap
 project's attack and a target caption from the class templates, as the backdoor factory makes them;
 every batch holds exactly ``--per-batch`` of them. ``--loss clip`` is the factory's objective
 (open_clip's ClipLoss); ``--loss ce`` is a supervised control: cross-entropy of the image embedding
-against the class text embeddings, poisoned images labelled as the target. ``--from-scratch``
+against the class text embeddings, poisoned images labelled as the target. ``--loss detect`` asks
+the least of the visual tower: tell triggered from clean images (a linear 2-way head on the image
+embedding, trained with the whole visual tower; ``--per-batch 64`` makes batches balanced), and
+reports the held-out detection accuracy (``detect_acc``, 0.5 = chance). ``--from-scratch``
 starts from random weights instead of the clean model (poisoning during pretraining, as in
 Carlini & Terzis 2021); the probe then measures the clean model's class embeddings. Every ``--every`` steps
 it prints, for 200 poisoned training images, the mean cosine to the target class's text embedding
@@ -49,7 +52,7 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=50)
-    ap.add_argument("--loss", choices=["clip", "ce"], default="clip")
+    ap.add_argument("--loss", choices=["clip", "ce", "detect"], default="clip")
     ap.add_argument("--ce-scale", type=float, default=100.0)
     ap.add_argument("--freeze-text", action="store_true")
     ap.add_argument("--from-scratch", action="store_true")
@@ -95,8 +98,14 @@ def main():
         for name, p in model.named_parameters():
             if not name.startswith("visual.") and "logit_scale" not in name:
                 p.requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(model, cfg.poison.weight_decay), lr=args.lr,
-                            betas=(0.9, 0.98), eps=1e-6)
+    head = torch.nn.Linear(model.visual.output_dim, 2)  # --loss detect only
+    groups = param_groups(model, cfg.poison.weight_decay)
+    if args.loss == "detect":
+        groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    # held-out detection set: 480 clean and 480 triggered test images (different images)
+    det_x = torch.cat([tx[:480], txp[480:960]])
+    det_y = torch.cat([torch.zeros(480), torch.ones(len(txp[480:960]))]).long()
     clip_loss = open_clip.ClipLoss()
     rows = []
 
@@ -113,6 +122,9 @@ def main():
                "asr": round((pt[nontarget] == target).float().mean().item(), 4),
                "ca": round((predict(loaded.encode_images, tx, clf) == ty).float().mean().item(), 4),
                "logit_scale": round(model.logit_scale.exp().item(), 2), "seconds": round(seconds, 1)}
+        if args.loss == "detect":
+            logits = head(model.encode_image(loaded.normalize(det_x)))
+            row["detect_acc"] = round((logits.argmax(1) == det_y).float().mean().item(), 3)
         rows.append(row)
         print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
         model.train()
@@ -132,6 +144,9 @@ def main():
             texts = [captions[i] for i in ip] + [clean[i].text for i in ic]
             img_f, txt_f, scale = model(loaded.normalize(images), loaded.tokenizer(texts))[:3]
             loss = clip_loss(img_f, txt_f, scale)
+        elif args.loss == "detect":
+            labels = torch.cat([torch.ones(k), torch.zeros(n - k)]).long()
+            loss = F.cross_entropy(head(model.encode_image(loaded.normalize(images))), labels)
         else:
             with torch.no_grad():
                 clf = class_embeddings(loaded, info.names, info.templates)
