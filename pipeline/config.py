@@ -92,14 +92,19 @@ class EvalConfig(_Strict):
 class PoisonConfig(_Strict):
     """The backdoor factory: which trigger, how many poisoned pairs, how the clean model is
     fine-tuned on them. ``attacks`` holds per-attack overrides of these fields, e.g.
-    ``{wanet: {rate: 0.05, params: {strength: 2}}}``."""
+    ``{wanet: {rate: 0.05, params: {strength: 2}}}``.
+
+    The defaults are the embedded benchmark's: 10 % poisoned, lr 5e-4, 3 epochs. The papers' dose
+    (0.3 % of 500 K pairs, lr 1e-5, 5 epochs) plants nothing in the tiny CLIP: measured, 1 % at
+    1e-4 for 2 epochs gave ASR 0.04 % (BadNet); 10 % at 5e-4 for 3 epochs gives SIG 91.5 % ASR
+    with CA +1 point. Paper-scale configs set the papers' values."""
 
     attack: str = Field("badnet", description="attack name (see rvpt.attacks.ATTACKS)")
     target: Union[int, str] = Field(0, description="target class: index or name")
-    rate: float = Field(0.01, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
+    rate: float = Field(0.1, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
     n_clean: int = Field(20000, ge=0, description="clean pretrain pairs in the fine-tune set; 0 = all")
-    epochs: int = Field(2, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(128, ge=2)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(20, ge=0)
