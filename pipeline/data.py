@@ -119,8 +119,10 @@ def few_shot_split(corpus: str, split: str, shots: int, image_size: int, seed: i
 
 def triggered(ds, attack_dir: str):
     """The same rows with the model's trigger applied on the fly (per-sample seeds)."""
+    from ray.data import ActorPoolStrategy
+
     return ds.map_batches(_Trigger, fn_constructor_kwargs={"attack_dir": attack_dir},
-                          batch_format="numpy", concurrency=1)
+                          batch_format="numpy", compute=ActorPoolStrategy(size=1))
 
 
 class _Trigger:
@@ -191,6 +193,7 @@ def write_poisoned(corpus: str, out_dir: str, attack_dir: str, n: int, target: i
 def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templates, natural, seed,
                     image_size, shard_size, split) -> dict:
     from pyarrow import fs
+    from ray.data import ActorPoolStrategy
 
     uris = list(reversed(shard_uris(corpus, "pretrain")))
     ds = (read_split(corpus, "pretrain", image_size, with_meta=True, uris=uris)
@@ -199,7 +202,7 @@ def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templat
           .map_batches(_Poison, fn_constructor_kwargs={
               "attack_dir": attack_dir, "target": int(target), "class_names": list(class_names),
               "templates": list(templates), "natural": list(natural), "seed": int(seed)},
-              batch_size=256, batch_format="numpy", concurrency=1)
+              batch_size=256, batch_format="numpy", compute=ActorPoolStrategy(size=1))
           .materialize())
     count = ds.count()
     if count < n:
