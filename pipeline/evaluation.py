@@ -56,9 +56,12 @@ def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, c
                          concurrency: int = 1, num_cpus: float = 0.5, num_gpus: float = 0.0,
                          batch_size: int = 256) -> dict:
     """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors."""
+    from ray.data import ActorPoolStrategy
+
     ds = read_split(corpus, split, image_size, batch_size)
     counts = ds.map_batches(
-        CountActor, batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+        CountActor, batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus, num_gpus=num_gpus or None,
         fn_constructor_kwargs={"model": model, "class_names": class_names, "templates": templates,
                                "defense": defense, "defense_params": defense_params,
