@@ -167,10 +167,11 @@ def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: 
 
 
 def load_backdoored(model: str, attack_file: Optional[str] = None,
-                    class_names: Optional[list] = None) -> tuple[LoadedClip, Optional[Attack], Optional[int], dict]:
+                    class_names: Optional[list] = None, device: str = "cpu"
+                    ) -> tuple[LoadedClip, Optional[Attack], Optional[int], dict]:
     """A model (dir or checkpoint) with its attack: ``attack.json`` beside a model directory, or a
     hand-written one given as ``attack_file``. Returns (model, attack, target index, attack json)."""
-    loaded = load_clip(checkpoint=model)
+    loaded = load_clip(checkpoint=model, device=device)
     path = attack_file or (Path(model) if Path(model).is_dir() else Path(model).parent)
     if attack_file is None and not (Path(path) / "attack.json").exists():
         return loaded, None, None, {}

@@ -146,7 +146,7 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
         return {**json.loads((out / "summary.json").read_text()), "cached": True}
     set_threads(cfg.pretrain.threads)
     torch.manual_seed(cfg.seed)
-    loaded = load_clip(m.name)
+    loaded = load_clip(m.name, device=cfg.torch_device())
     corpus_dir = corpus["corpus_dir"]
     urls = split_urls(corpus_dir, "pretrain")
     n = read_manifest(corpus_dir)["splits"]["pretrain"]["count"]
@@ -184,9 +184,11 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
 
 
 def load_model(cfg: Config, model: dict) -> LoadedClip:
+    device = cfg.torch_device()
     if model.get("model_dir"):
-        return load_clip(checkpoint=model["model_dir"])
-    return load_clip(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint)
+        return load_clip(checkpoint=model["model_dir"], device=device)
+    return load_clip(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
+                     device=device)
 
 
 # ---------------------------------------------------------------- zero-shot CA

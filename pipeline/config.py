@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -206,6 +207,8 @@ class PathsConfig(_Strict):
 
 class Config(_Strict):
     seed: int = 0
+    device: str = Field("auto", description="where local jobs run the model: cpu, cuda, cuda:N, or auto "
+                                           "(the first GPU when torch sees one, else the CPU)")
     corpus: CorpusConfig = CorpusConfig()
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
@@ -216,6 +219,23 @@ class Config(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     sweep: SweepConfig = SweepConfig()
     paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="after")
+    def _check_device(self):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device):
+            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps")
+        return self
+
+    def torch_device(self) -> str:
+        """The device :attr:`device` names, with ``auto`` resolved (fails clearly without a GPU)."""
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"config error: device: {self.device} asked for, but torch sees no GPU "
+                              "(use device=cpu or device=auto)")
+        return self.device
 
     def root(self) -> Path:
         root = Path(self.paths.root)

@@ -48,7 +48,8 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
     if (out / "summary.json").exists() and not force:
         return {**json.loads((out / "summary.json").read_text()), "cached": True}
     info = read_classes(corpus_dir)
-    loaded, attack, target, attack_json = backdoor.load_backdoored(model, attack_file, info.names)
+    loaded, attack, target, attack_json = backdoor.load_backdoored(model, attack_file, info.names,
+                                                                          cfg.torch_device())
     try:
         defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed, **d.params)
     except DefenseError as e:

@@ -106,7 +106,8 @@ def poison(cfg: Config, args: argparse.Namespace) -> dict:
         model = backdoor.build_backdoored(cfg, name, corpus, clean)
         state = "reused" if model.get("cached") else f"built in {model['wall_s']} s"
         print(f"{name}: {model['model_dir']} ({state})")
-        loaded, attack, target, _ = backdoor.load_backdoored(model["model_dir"])
+        loaded, attack, target, _ = backdoor.load_backdoored(model["model_dir"],
+                                                             device=cfg.torch_device())
         if args.save_examples:
             path = args.save_examples if len(names) == 1 else \
                 str(Path(args.save_examples).with_stem(f"{Path(args.save_examples).stem}-{name}"))
@@ -128,7 +129,8 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     """CA (and ASR / ASR_all / PA when the model has an attack) of one model on a corpus split."""
     corpus = {"corpus_dir": args.corpus} if args.corpus else build.resolve_corpus(cfg)
     names = read_classes(corpus["corpus_dir"]).names
-    loaded, attack, target, data = backdoor.load_backdoored(args.model, args.attack, names)
+    loaded, attack, target, data = backdoor.load_backdoored(args.model, args.attack, names,
+                                                             cfg.torch_device())
     if args.save_examples and attack is not None:
         _save_examples(cfg, corpus["corpus_dir"], attack, args.save_examples)
     res = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target, args.split)

@@ -71,7 +71,7 @@ def train_contrastive(loaded: LoadedClip, epoch_batches: Callable[[int], Iterabl
             for g in opt.param_groups:
                 g["lr"] = cosine_lr(step, total, lr, warmup_steps)
             images = loaded.normalize(batch["image"].float().div(255))
-            texts = loaded.tokenizer(batch["text"])
+            texts = loaded.tokenizer(batch["text"]).to(loaded.device)
             img_f, txt_f, scale = model(images, texts)[:3]
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)

@@ -22,12 +22,24 @@ def test_overrides_are_typed():
     ("corpus.nosuch=1", "corpus.nosuch"),
     ("corpus.kind=video", "corpus.kind"),
     ("corpus.num_classes=99", "corpus"),
+    ("device=gpu0", "device"),
 ])
 def test_bad_value_fails_with_one_line_naming_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     msg = str(e.value)
     assert "\n" not in msg and field in msg
+
+
+def test_device_auto_resolves_and_a_missing_gpu_is_one_clear_line(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert load_config().torch_device() == "cpu" and load_config(None, ["device=cpu"]).torch_device() == "cpu"
+    with pytest.raises(ConfigError, match="device: cuda:1 asked for, but torch sees no GPU"):
+        load_config(None, ["device=cuda:1"]).torch_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert load_config().torch_device() == "cuda"
 
 
 def test_malformed_override_and_missing_file(tmp_path):
