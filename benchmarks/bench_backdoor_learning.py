@@ -84,13 +84,14 @@ def main():
     clean, src = pool[:-1200], [s for s in pool[-1200:] if s.label != target][:1000]
     x = torch.stack([s.image for s in src]).float().div(255)
     xp = trigger(attack, x, [s.key for s in src])
-    own = torch.tensor([s.label for s in src])
+    dev = loaded.device
+    own = torch.tensor([s.label for s in src], device=dev)
     rng = np.random.default_rng(cfg.seed)
     captions = [info.templates[int(rng.integers(len(info.templates)))].format(info.names[target])
                 for _ in src]
     test = list(itertools.islice(iter_samples(split_urls(cdir, "test"), loaded.image_size), 960))
     tx = torch.stack([s.image for s in test]).float().div(255)
-    ty = torch.tensor([s.label for s in test])
+    ty = torch.tensor([s.label for s in test], device=dev)
     txp = trigger(attack, tx, [s.key for s in test])
 
     model = loaded.model
@@ -98,14 +99,14 @@ def main():
         for name, p in model.named_parameters():
             if not name.startswith("visual.") and "logit_scale" not in name:
                 p.requires_grad_(False)
-    head = torch.nn.Linear(model.visual.output_dim, 2)  # --loss detect only
+    head = torch.nn.Linear(model.visual.output_dim, 2).to(dev)  # --loss detect only
     groups = param_groups(model, cfg.poison.weight_decay)
     if args.loss == "detect":
         groups.append({"params": list(head.parameters()), "weight_decay": 0.0})
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     # held-out detection set: 480 clean and 480 triggered test images (different images)
     det_x = torch.cat([tx[:480], txp[480:960]])
-    det_y = torch.cat([torch.zeros(480), torch.ones(len(txp[480:960]))]).long()
+    det_y = torch.cat([torch.zeros(480), torch.ones(len(txp[480:960]))]).long().to(dev)
     clip_loss = open_clip.ClipLoss()
     rows = []
 
@@ -117,7 +118,7 @@ def main():
         pt = predict(loaded.encode_images, txp, clf)
         nontarget = ty != target
         row = {"step": step, "sim_target": round(sims[:, target].mean().item(), 3),
-               "sim_own": round(sims[torch.arange(200), own[:200]].mean().item(), 3),
+               "sim_own": round(sims[torch.arange(200, device=dev), own[:200]].mean().item(), 3),
                "train_poison_to_target": round((sims.argmax(1) == target).float().mean().item(), 3),
                "asr": round((pt[nontarget] == target).float().mean().item(), 4),
                "ca": round((predict(loaded.encode_images, tx, clf) == ty).float().mean().item(), 4),
@@ -142,15 +143,15 @@ def main():
         images = torch.cat([xp[ip], torch.stack([clean[i].image for i in ic]).float().div(255)])
         if args.loss == "clip":
             texts = [captions[i] for i in ip] + [clean[i].text for i in ic]
-            img_f, txt_f, scale = model(loaded.normalize(images), loaded.tokenizer(texts))[:3]
+            img_f, txt_f, scale = model(loaded.normalize(images), loaded.tokenizer(texts).to(dev))[:3]
             loss = clip_loss(img_f, txt_f, scale)
         elif args.loss == "detect":
-            labels = torch.cat([torch.ones(k), torch.zeros(n - k)]).long()
+            labels = torch.cat([torch.ones(k), torch.zeros(n - k)]).long().to(dev)
             loss = F.cross_entropy(head(model.encode_image(loaded.normalize(images))), labels)
         else:
             with torch.no_grad():
                 clf = class_embeddings(loaded, info.names, info.templates)
-            labels = torch.cat([torch.full((k,), target), torch.tensor([clean[i].label for i in ic])])
+            labels = torch.cat([torch.full((k,), target), torch.tensor([clean[i].label for i in ic])]).to(dev)
             feats = model.encode_image(loaded.normalize(images), normalize=True)
             loss = F.cross_entropy(args.ce_scale * feats @ clf.T, labels)
         opt.zero_grad(set_to_none=True)
