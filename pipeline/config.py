@@ -148,7 +148,8 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on a small machine")
     gpus_per_worker: float = Field(0.0, ge=0, description="with use_gpu (0 means 1)")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
-    eval_actors: int = Field(1, ge=1, description="Ray Data actors for evaluation")
+    eval_actors: int = Field(1, ge=0, description="Ray Data actors for a sweep trial's evaluation; "
+                             "0 = a plain loop in the trial (small machines, local corpora)")
     eval_cpus: float = Field(0.5, gt=0, description="CPUs per evaluation actor")
     storage_path: Optional[str] = Field(None, description="Tune/Train results; default "
                                         "<paths.root>/ray_results (s3://... on a cluster)")

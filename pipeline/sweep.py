@@ -99,6 +99,7 @@ def run_trial(config: dict, base: dict) -> None:
     from rvpt.defenses import make_defense
     from rvpt.models import load_clip
     from rvpt.resistivity import perturbation_resistivity
+    from rvpt.shards import iter_batches, iter_samples, split_urls
 
     from . import select, tracking
     from .data import corpus_classes, few_shot_split, read_split
@@ -137,19 +138,33 @@ def run_trial(config: dict, base: dict) -> None:
     with result.checkpoint.as_directory() as cdir:
         shutil.copytree(cdir, state)
     r = cfg.ray
-    metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
-                                   info.templates, d.name, d.params, str(state),
-                                   cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
-                                   (r.gpus_per_worker or 1) if r.use_gpu else 0.0)
+    if r.eval_actors:
+        metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
+                                       info.templates, d.name, d.params, str(state),
+                                       cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
+                                       (r.gpus_per_worker or 1) if r.use_gpu else 0.0)
+    else:  # in this trial's process: a small machine, a local corpus (README, "Sweeps")
+        from .backdoor import evaluate_backdoor, load_backdoored
+        loaded, attack, target, _ = load_backdoored(model, None, info.names)
+        defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
+        defense.load(state)
+        metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
+                                    encode=defense.encode)
+        metrics.pop("split", None)
+        metrics.pop("skipped", None)
     counts = metrics.pop("counts")
     if d.pr_images:
         from .backdoor import load_backdoored
         loaded, attack, _, _ = load_backdoored(model, None, info.names)
         defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
         defense.load(state)
-        batches = ({"image": torch.from_numpy(b["image"])} for b in
-                   read_split(corpus, spec["test_split"], image_size).limit(d.pr_images)
-                   .iter_batches(batch_size=128, batch_format="numpy"))
+        if r.eval_actors:
+            batches = ({"image": torch.from_numpy(b["image"])} for b in
+                       read_split(corpus, spec["test_split"], image_size).limit(d.pr_images)
+                       .iter_batches(batch_size=128, batch_format="numpy"))
+        else:
+            batches = iter_batches(iter_samples(split_urls(corpus, spec["test_split"]),
+                                                image_size), 128)
         metrics.update(perturbation_resistivity(loaded, batches, getattr(defense, "prompts", None),
                                                 attack, seed=cfg.seed, max_images=d.pr_images))
     metrics["val_ca"] = json.loads((state / "train_state.json").read_text()).get("val_ca")

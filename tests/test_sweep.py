@@ -104,6 +104,24 @@ def test_interrupted_sweep_resumes_without_repeating_trials(swept):
     assert first <= set(df["run_id"])  # the finished trial was kept, not repeated
 
 
+def test_in_trial_evaluation_matches_the_ray_data_actors(swept):
+    """``ray.eval_actors=0`` (the embedded default: a plain loop in the trial) measures the same
+    trials as the Ray Data actors did in the first sweep."""
+    root, _, _ = swept
+    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "sweep.name=inline", TWO_TRIALS,
+                "ray.eval_actors=0", timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    inline, actors = _runs(root, "inline"), _runs(root)
+    assert len(inline) == 2
+    for _, row in inline.iterrows():
+        same = actors[(actors["tags.defense"] == row["tags.defense"])
+                      & (actors["params.length"] == row["params.length"])]
+        assert len(same) == 1
+        assert row["metrics.n_test"] == same["metrics.n_test"].item() > 0
+        for m in ("ca", "asr", "asr_all", "pa", "pr_mean"):
+            assert abs(row[f"metrics.{m}"] - same[f"metrics.{m}"].item()) < 1e-6, m
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
