@@ -24,8 +24,7 @@ from .config import Config, ConfigError, config_hash
 from .session import ray_init  # noqa: F401 (re-exported: benchmarks use it)
 
 REUSED = "reused"
-DATA_BUNDLE_CPUS = 1.0
-DATA_BUNDLE_MEMORY = 2 * 2**30
+DATA_BUNDLE_CPUS = 1.0  # free CPUs budgeted per concurrent trial for its Ray Data work
 
 
 # ---------------------------------------------------------------- Ray
@@ -226,11 +225,14 @@ def make_tuner(cfg: Config, base: dict):
     from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.sweep
-    # Ray Data work started inside a trial (few-shot sampling, evaluation actors) is captured by the
-    # trial's placement group: the trial holds a data bundle for it. Train workers come on top.
-    data = {"CPU": DATA_BUNDLE_CPUS, "memory": DATA_BUNDLE_MEMORY}
+    # The trial itself holds almost nothing. Ray Data work started inside it (few-shot sampling,
+    # evaluation) is *not* captured by its placement group (Ray Data schedules with "SPREAD"), and
+    # Train workers get their own group: both draw on the free pool, for which `concurrency` leaves
+    # DATA_BUNDLE_CPUS per trial. (A data bundle reserved in the trial's group sat unused and, with
+    # three trials on 6 logical CPUs, left < 1 free CPU for Ray Data's 1-CPU read tasks: they
+    # waited forever, a hang seen in the end-to-end run.)
     trainable = tune.with_resources(tune.with_parameters(run_trial, base=base),
-                                    tune.PlacementGroupFactory([{"CPU": 0.01}, data]))
+                                    tune.PlacementGroupFactory([{"CPU": 0.01}]))
     name = sweep_run_name(cfg, base)
     path = f"{base['storage'].rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
