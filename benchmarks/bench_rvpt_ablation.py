@@ -23,8 +23,8 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-METRICS = ("ca", "asr", "asr_all", "pa", "pr_mean")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_defense_table import METRICS, fmt  # noqa: E402
 
 
 def run_one(job: tuple) -> dict:
@@ -49,15 +49,6 @@ def split_values(text: str) -> list[str]:
         else:
             cur += ch
     return out + [cur]
-
-
-def fmt(values, pct=True):
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "-"
-    m = statistics.mean(vals)
-    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return f"{100 * m:.2f} ± {100 * s:.2f}" if pct else f"{m:.3f} ± {s:.3f}"
 
 
 def main():

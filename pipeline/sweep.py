@@ -137,26 +137,23 @@ def run_trial(config: dict, base: dict) -> None:
     with result.checkpoint.as_directory() as cdir:
         shutil.copytree(cdir, state)
     r = cfg.ray
+    if not r.eval_actors or d.pr_images:  # the defended model in this process
+        from .backdoor import evaluate_backdoor, load_backdoored
+        loaded, attack, target, _ = load_backdoored(model, None, info.names)
+        defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
+        defense.load(state)
     if r.eval_actors:
         metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
                                        info.templates, d.name, d.params, str(state),
                                        cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
                                        (r.gpus_per_worker or 1) if r.use_gpu else 0.0)
     else:  # in this trial's process: a small machine, a local corpus (README, "Sweeps")
-        from .backdoor import evaluate_backdoor, load_backdoored
-        loaded, attack, target, _ = load_backdoored(model, None, info.names)
-        defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
-        defense.load(state)
         metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
                                     encode=defense.encode)
         metrics.pop("split", None)
         metrics.pop("skipped", None)
     counts = metrics.pop("counts")
     if d.pr_images:
-        from .backdoor import load_backdoored
-        loaded, attack, _, _ = load_backdoored(model, None, info.names)
-        defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
-        defense.load(state)
         if r.eval_actors:
             batches = ({"image": torch.from_numpy(b["image"])} for b in
                        read_split(corpus, spec["test_split"], image_size).limit(d.pr_images)
