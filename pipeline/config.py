@@ -194,7 +194,9 @@ class SweepConfig(_Strict):
     space: SearchSpace = SearchSpace()
     num_samples: int = Field(4, ge=1, description="random/optuna: trials per group")
     epochs: Optional[int] = Field(None, ge=1, description="trial epochs (default defense.train.epochs)")
-    scheduler: Literal["asha", "none"] = "asha"
+    scheduler: Literal["asha", "none"] = Field(
+        "asha", description="asha: early stopping on the defender's val_ca, comparing a trial only "
+        "with trials of its own attack x dataset x defense")
     grace_period: int = Field(2, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int = Field(0, ge=0, description="0: from the resources")

@@ -190,15 +190,19 @@ def write_report(df, out_dir: str | Path, experiment: str, rule: str, weight: fl
     matplotlib.use("Agg")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    runs = len(df)
+    df = tracking.evaluated(df)
     best = tracking.best_per_group(df, rule, weight)
     recs = tracking.records(best)
     lines = [f"# Sweep report: {experiment}", "",
              f"- tracking store: `{uri}`" if uri else "- tracking store: -",
-             f"- finished runs: {len(df)}",
+             f"- finished runs: {runs}: {len(df)} evaluated, {runs - len(df)} stopped early by the "
+             "scheduler (their last `val_ca` is in MLflow; they have no test metrics)",
              f"- selection rule: `{rule}`: {describe(rule, weight)}"]
-    res = {"report": None, "asr_vs_ca": None, "pr_per_layer": None, "runs": len(df)}
+    res = {"report": None, "asr_vs_ca": None, "pr_per_layer": None, "runs": runs,
+           "evaluated": len(df)}
     if df.empty:
-        lines += ["", "No finished runs yet."]
+        lines += ["", "No evaluated runs yet."]
     else:
         t = _trials(df)
         attacks = sorted(t["attack"].unique())

@@ -20,10 +20,14 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+
 from .config import Config, ConfigError, config_hash
 from .session import ray_init  # noqa: F401 (re-exported: benchmarks use it)
 
 REUSED = "reused"
+SLIM = ("cfg", "datasets", "models", "uri")  # what the driver callback needs (it is saved to disk)
 DATA_BUNDLE_CPUS = 1.0  # free CPUs budgeted per concurrent trial for its Ray Data work
 
 
@@ -84,6 +88,55 @@ def trial_key(cfg: Config, model: str, corpus: str, spec: dict) -> str:
                         "ensemble": cfg.eval.prompt_ensemble, "pr": cfg.defense.pr_images})
 
 
+def identify(config: dict, base: dict) -> tuple[Config, dict, dict, str]:
+    """A trial's ``(config, setting, dataset spec, trial_key)`` from its Tune ``config``."""
+    setting = config.get("setting") or {
+        **config["group"], "depth": config["depth"], "length": config["length"],
+        "alpha": config["alpha"] if config["group"]["defense"] == "rvpt" else 0.0}
+    cfg = trial_config(Config.model_validate(base["cfg"]), setting)
+    spec = base["datasets"][setting["dataset"]]
+    key = trial_key(cfg, base["models"][setting["attack"]], spec["corpus"], spec)
+    return cfg, setting, spec, key
+
+
+def run_record(cfg: Config, setting: dict, spec: dict, key: str, model: str) -> tuple[dict, dict]:
+    """The MLflow tags and params of a trial's run."""
+    d, r = cfg.defense, cfg.ray
+    tags = {"attack": setting["attack"], "dataset": setting["dataset"], "defense": d.name,
+            "model": cfg.model.name, "trial_key": key, "sweep": cfg.sweep.name}
+    params = {"defense": d.name, **d.params, "shots": d.train.shots, "seed": cfg.seed,
+              "epochs": d.train.epochs, "lr": d.train.lr, "batch_size": d.train.batch_size,
+              "workers": r.num_workers, "model_dir": model, "corpus": spec["corpus"]}
+    return tags, params
+
+
+def fewshot_key(dataset: str, image_size: int, shots: int, seed: int) -> str:
+    return f"{dataset}@{image_size}px/{shots}shots/seed{seed}"
+
+
+def few_shot_sets(spec: dict, image_size: int, shots: int, seed: int) -> tuple:
+    """``(train, val, n_train)``: a dataset's few-shot set and the rest of its clean pool."""
+    from .data import few_shot_split
+
+    train, val = few_shot_split(spec["corpus"], spec["fewshot_split"], shots, image_size, seed)
+    return train, val, train.count()
+
+
+def draw_few_shot_sets(cfg: Config, base: dict) -> tuple[dict, dict]:
+    """Every few-shot set the sweep's trials will train on, drawn once with Ray Data (all trials of
+    a dataset share it: the draw depends only on the shots and the seed). Returns the image size
+    of each attack's model and the sets, keyed by :func:`fewshot_key`."""
+    from rvpt.models import load_clip
+
+    sizes = {a: load_clip(checkpoint=m).image_size for a, m in base["models"].items()}
+    shots = cfg.defense.train.shots
+    out = {}
+    for name, spec in base["datasets"].items():
+        for size in sorted(set(sizes.values())):
+            out[fewshot_key(name, size, shots, cfg.seed)] = few_shot_sets(spec, size, shots, cfg.seed)
+    return sizes, out
+
+
 def _scalar_metrics(m: dict) -> dict:
     return {k: float(v) for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
@@ -96,23 +149,17 @@ def run_trial(config: dict, base: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from rvpt.defenses import make_defense
-    from rvpt.models import load_clip
     from rvpt.resistivity import perturbation_resistivity
     from rvpt.shards import iter_batches, iter_samples, split_urls
 
     from . import select, tracking
-    from .data import corpus_classes, few_shot_split, read_split
+    from .data import corpus_classes, read_split
     from .evaluation import evaluate_distributed
     from .train import make_trainer
 
     torch.set_num_threads(1)
-    setting = config.get("setting") or {
-        **config["group"], "depth": config["depth"], "length": config["length"],
-        "alpha": config["alpha"] if config["group"]["defense"] == "rvpt" else 0.0}
-    cfg = trial_config(Config.model_validate(base["cfg"]), setting)
-    spec = base["datasets"][setting["dataset"]]
+    cfg, setting, spec, key = identify(config, base)
     corpus, model = spec["corpus"], base["models"][setting["attack"]]
-    key = trial_key(cfg, model, corpus, spec)
     uri, exp = base["uri"], cfg.sweep.name
     existing = tracking.find_run(uri, exp, key)
     if existing is not None:
@@ -120,11 +167,11 @@ def run_trial(config: dict, base: dict) -> None:
         return
     ctx = tune.get_context()
     info = corpus_classes(corpus)
-    image_size = load_clip(checkpoint=model).image_size
+    image_size = base["image_sizes"][setting["attack"]]
     d = cfg.defense
-    train_ds, val_ds = few_shot_split(corpus, spec["fewshot_split"], d.train.shots, image_size,
-                                      cfg.seed)
-    n_train = train_ds.count()
+    fkey = fewshot_key(setting["dataset"], image_size, d.train.shots, cfg.seed)
+    train_ds, val_ds, n_train = base["fewshot"].get(fkey) or \
+        few_shot_sets(spec, image_size, d.train.shots, cfg.seed)
     trainer = make_trainer(cfg, model, corpus, train_ds, val_ds, n_train,
                            name=f"train-{ctx.get_trial_id()}", storage_path=base["storage"],
                            callbacks=[TuneReportCallback()])
@@ -168,14 +215,121 @@ def run_trial(config: dict, base: dict) -> None:
     metrics["n_test"] = counts["n"]
     metrics["score"] = select.score(metrics, cfg.sweep.select.rule, cfg.sweep.select.weight)
     cfg.dump(out / "config.yaml")
-    tags = {"attack": setting["attack"], "dataset": setting["dataset"], "defense": d.name,
-            "model": cfg.model.name, "trial_key": key, "sweep": exp}
-    params = {"defense": d.name, **d.params, "shots": d.train.shots, "seed": cfg.seed,
-              "epochs": d.train.epochs, "lr": d.train.lr, "batch_size": d.train.batch_size,
-              "workers": r.num_workers, "model_dir": model, "corpus": corpus}
+    tags, params = run_record(cfg, setting, spec, key, model)
     tracking.log_trial(uri, exp, ctx.get_trial_name(), tags, params, _scalar_metrics(metrics),
                        {"config.yaml": str(out / "config.yaml"), "prompts": str(state)})
     tune.report({**_scalar_metrics(metrics), "trial_key": key, REUSED: 0.0})
+
+
+# ---------------------------------------------------------------- early stopping
+
+def trial_group(config: dict) -> tuple:
+    """``(attack, dataset, defense)`` of a trial's Tune ``config`` (grid or random search)."""
+    g = config.get("setting") or config["group"]
+    return g["attack"], g["dataset"], g["defense"]
+
+
+class GroupedASHA(ASHAScheduler):
+    """ASHA whose rungs compare a trial only with trials of its own attack x dataset x defense:
+    the alternatives a user chooses among.
+
+    One ASHA over the whole grid compares a SIG trial's ``val_ca`` with a BadNet trial's, and RVPT
+    (which trades clean accuracy for removing the backdoor) with VPT: in the default sweep it
+    stopped 31 of 36 trials at their first rung, every RVPT trial among them, so the report had no
+    RVPT result for any attack. Here every group gets its own bracket (the first trial of a group
+    always reaches its next rung).
+    """
+
+    def __init__(self, *, grace_period: int, max_t: int, reduction_factor: float, **kwargs):
+        super().__init__(grace_period=grace_period, max_t=max_t,
+                         reduction_factor=reduction_factor, **kwargs)
+        self._bracket_args = (grace_period, max_t, reduction_factor)
+        self._groups: dict = {}
+
+    def on_trial_add(self, tune_controller, trial):
+        from ray.tune.schedulers.async_hyperband import _Bracket
+
+        super().on_trial_add(tune_controller, trial)  # checks metric and mode
+        key = trial_group(trial.config)
+        if key not in self._groups:
+            grace, max_t, rf = self._bracket_args
+            self._groups[key] = _Bracket(grace, max_t, rf, 0, stop_last_trials=self._stop_last_trials)
+        self._trial_info[trial.trial_id] = self._groups[key]
+
+
+# ---------------------------------------------------------------- driver-side callbacks
+
+def release_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creating actor has died; return how many.
+
+    A placement group made inside an actor outlives that actor: it is released only with the job
+    or by ``remove_placement_group``. A Ray Train controller makes its workers' group; when the
+    scheduler stops a trial, the trial's actor and its controller are killed and the group is left
+    holding its CPUs (Train's own ``PlacementGroupCleaner`` did not free them in a 2-core run: 11
+    such groups held 5.5 of 6 CPUs and every Ray Data read task waited forever). Groups made by a
+    driver (Tune's trial groups) and detached ones are never touched.
+    """
+    import ray
+    from ray._private.state import state  # the GCS table; the public one hides the creator
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    removed = 0
+    nil = ray.ActorID.nil().binary()
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.state == gcs_pb2.PlacementGroupTableData.REMOVED or pg.is_detached
+                or pg.creator_actor_id in (b"", nil) or not pg.creator_actor_dead):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    return removed
+
+
+class SweepCallback(Callback):
+    """The sweep's driver-side duties:
+
+    - every ``every_s`` (and when a trial ends) release the placement groups of dead Train
+      controllers (:func:`release_orphaned_placement_groups`);
+    - record a trial the scheduler stopped early as an MLflow run tagged ``stopped_early``, with its
+      last ``val_ca`` and how many epochs ran (the trial itself is killed before it can log).
+    """
+
+    def __init__(self, base: dict, every_s: float = 5.0):
+        self.base, self.every_s = base, every_s
+        self._last = 0.0
+        self.released = 0
+
+    def _release(self) -> None:
+        try:
+            self.released += release_orphaned_placement_groups()
+        except Exception as e:  # noqa: BLE001 (housekeeping must never stop a sweep)
+            print(f"warning: could not release orphaned placement groups: {e}", flush=True)
+        self._last = time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self._last >= self.every_s:
+            self._release()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._last = 0.0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._last = 0.0
+        last = trial.last_result or {}
+        if "trial_key" in last or not trial.config:  # finished and logged by the trial itself
+            return
+        from . import tracking
+
+        try:
+            cfg, setting, spec, key = identify(trial.config, self.base)
+            tags, params = run_record(cfg, setting, spec, key, self.base["models"][setting["attack"]])
+            tags[tracking.STOPPED_TAG] = "scheduler"
+            metrics = {"val_ca": last.get("val_ca"), "epochs_run": last.get("training_iteration")}
+            tracking.log_trial(self.base["uri"], cfg.sweep.name, str(trial), tags, params,
+                               _scalar_metrics({k: v for k, v in metrics.items() if v is not None}))
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: could not record stopped trial {trial}: {e}", flush=True)
 
 
 # ---------------------------------------------------------------- the driver
@@ -219,7 +373,6 @@ def sweep_run_name(cfg: Config, base: dict) -> str:
 
 def make_tuner(cfg: Config, base: dict):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     s = cfg.sweep
     # The trial itself holds almost nothing. Ray Data work started inside it (few-shot sampling,
@@ -236,9 +389,9 @@ def make_tuner(cfg: Config, base: dict):
         print(f"resuming sweep {name} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True), name
     epochs = s.epochs or cfg.defense.train.epochs
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric="val_ca", mode="max",
-                              max_t=epochs + 1, grace_period=min(s.grace_period, epochs),
-                              reduction_factor=s.reduction_factor) if s.scheduler == "asha" else None
+    scheduler = GroupedASHA(time_attr="training_iteration", metric="val_ca", mode="max",
+                            max_t=epochs + 1, grace_period=min(s.grace_period, epochs),
+                            reduction_factor=s.reduction_factor) if s.scheduler == "asha" else None
     if s.search == "grid":
         space, num_samples, search_alg = {"setting": tune.grid_search(settings(cfg))}, 1, None
     else:
@@ -257,6 +410,7 @@ def make_tuner(cfg: Config, base: dict):
                                     max_concurrent_trials=concurrency(cfg)),
         run_config=tune.RunConfig(name=name, storage_path=base["storage"],
                                   failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=[SweepCallback({k: base[k] for k in SLIM})],
                                   verbose=1))
     return tuner, name
 
@@ -268,6 +422,7 @@ def run_sweep(cfg: Config) -> dict:
     start = time.perf_counter()
     base = prepare(cfg)
     ray_init(cfg)
+    base["image_sizes"], base["fewshot"] = draw_few_shot_sets(cfg, base)
     tuner, name = make_tuner(cfg, base)
     grid = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]

@@ -39,6 +39,9 @@ _PARAM_COLUMNS = ("depth", "length", "alpha", "shots")
 _METRIC_COLUMNS = ("ca", "asr", "asr_all", "pa", "pr_mean")
 # MLflow's per-request limits for log_batch.
 _BATCH_METRICS, _BATCH_PARAMS, _BATCH_TAGS = 1000, 100, 100
+# The tag of a run recorded for a trial the scheduler stopped early (ASHA): it has the defender's
+# last val_ca and how many epochs ran, but no test-set CA / ASR, so no table or rule picks it.
+STOPPED_TAG = "stopped_early"
 
 
 class TrackingError(ValueError):
@@ -312,6 +315,14 @@ def scored(df: "pd.DataFrame", rule: str, weight: float = 1.0) -> "pd.Series":
                      index=df.index, dtype=float)
 
 
+def evaluated(df: "pd.DataFrame") -> "pd.DataFrame":
+    """The runs of a :func:`runs_frame` that were evaluated: those not tagged :data:`STOPPED_TAG`."""
+    col = f"tags.{STOPPED_TAG}"
+    if df.empty or col not in df.columns:
+        return df
+    return df[df[col].isna()].reset_index(drop=True)
+
+
 def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
                    group: Sequence[str] = ("attack", "dataset")) -> "pd.DataFrame":
     """For each ``group`` (tags, e.g. attack x dataset) of a :func:`runs_frame`, the run with the
@@ -320,10 +331,12 @@ def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
     Tune's ``get_best_result`` picks — then the earliest ``start_time``, then ``run_id``). Columns: the group keys, then ``defense``, ``depth``, ``length``, ``alpha``,
     ``shots`` (params as numbers), ``ca``, ``asr``, ``asr_all``, ``pa``, ``pr_mean`` (metrics),
     ``score`` (under ``rule``), ``run_id``, ``run_name``. Rows sorted by the group keys; a run
-    missing a group tag falls in the group ``"-"``.
+    missing a group tag falls in the group ``"-"``. Runs stopped early (:func:`evaluated`) are
+    left out.
     """
     import pandas as pd
 
+    df = evaluated(df)
     group = list(group)
     columns = group + [c for c in BEST_COLUMNS if c not in group]
     s = scored(df, rule, weight)

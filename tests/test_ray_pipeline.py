@@ -140,3 +140,44 @@ def test_poisoned_corpus_written_through_ray_data_matches_the_local_maker(ray_lo
         assert info.names[2] in s.text
     from rvpt.shards import decode_image
     assert all(torch.equal(decode_image(local[k].png), a[k].image) for k in a)
+
+
+def test_placement_groups_of_dead_actors_are_released(ray_local):
+    """A group made inside an actor outlives it (as a killed Train controller's did, starving the
+    sweep); the sweep's callback frees such groups and leaves the driver's own alone."""
+    import time
+
+    ray = ray_local
+    from ray.util.placement_group import placement_group, placement_group_table, \
+        remove_placement_group
+
+    from pipeline.sweep import release_orphaned_placement_groups
+
+    release_orphaned_placement_groups()  # whatever earlier tests left
+    mine = placement_group([{"CPU": 0.25}])
+    ray.get(mine.ready())
+
+    @ray.remote(num_cpus=0)
+    class Maker:
+        def make(self):
+            pg = placement_group([{"CPU": 0.5}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    maker = Maker.remote()
+    made = ray.get(maker.make.remote())
+    assert release_orphaned_placement_groups() == 0  # its creator is alive
+    ray.kill(maker)
+    deadline, removed = time.time() + 30, 0
+    while time.time() < deadline and not removed:
+        time.sleep(0.5)
+        removed = release_orphaned_placement_groups()
+    assert removed == 1
+    table = placement_group_table()
+    deadline = time.time() + 30
+    while time.time() < deadline and table[made]["state"] != "REMOVED":
+        time.sleep(0.5)
+        table = placement_group_table()
+    assert table[made]["state"] == "REMOVED"
+    assert table[mine.id.hex()]["state"] == "CREATED"
+    remove_placement_group(mine)

@@ -188,3 +188,31 @@ def test_ray_job_submit_against_a_local_cluster(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_asha_compares_a_trial_only_within_its_group():
+    """A trial's val_ca is ranked against trials of the same attack x dataset x defense only: a
+    low-CA RVPT trial is not stopped because a VPT trial did better."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from pipeline.sweep import GroupedASHA
+
+    class Trial:
+        def __init__(self, i, defense):
+            self.trial_id = f"t{i}"
+            self.config = {"setting": {"attack": "sig", "dataset": "syn", "defense": defense}}
+
+    sched = GroupedASHA(time_attr="training_iteration", metric="val_ca", mode="max", max_t=11,
+                        grace_period=2, reduction_factor=2)
+    vpt, vpt_worse, rvpt, rvpt_worse = (Trial(0, "vpt"), Trial(1, "vpt"), Trial(2, "rvpt"),
+                                        Trial(3, "rvpt"))
+    for t in (vpt, vpt_worse, rvpt, rvpt_worse):
+        sched.on_trial_add(None, t)
+
+    def at_rung(t, ca):
+        return sched.on_trial_result(None, t, {"training_iteration": 2, "val_ca": ca})
+
+    assert at_rung(vpt, 0.9) == TrialScheduler.CONTINUE
+    assert at_rung(vpt_worse, 0.5) == TrialScheduler.STOP  # below its group's median
+    assert at_rung(rvpt, 0.4) == TrialScheduler.CONTINUE  # below every VPT, first of its group
+    assert at_rung(rvpt_worse, 0.3) == TrialScheduler.STOP

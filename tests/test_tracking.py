@@ -195,3 +195,48 @@ def test_report_job(store, tmp_path, capsys):
     means = seed_means(tracking.runs_frame(store["uri"], EXPERIMENT), "combo")
     row = means[(means["attack"] == "badnet") & (means["defense"] == "rvpt")].iloc[0]
     assert row["seeds"] == 2 and row["params.depth"] == "1" and row["ca"] == pytest.approx(0.85)
+
+
+def test_a_trial_stopped_early_is_recorded_but_never_chosen(tmp_path):
+    """The sweep's driver callback records a trial the scheduler stopped (no test metrics) as a run
+    tagged ``stopped_early``; best_per_group and the report leave it out of their tables."""
+    from pipeline.config import load_config
+    from pipeline.report import write_report
+    from pipeline.sweep import SweepCallback, identify, run_record, settings
+
+    cfg = load_config("configs/smoke.yaml")
+    uri = tracking.default_uri(tmp_path)
+    base = {"cfg": cfg.model_dump(mode="json"), "uri": uri, "models": {"badnet": "/models/bd"},
+            "datasets": {"synthetic": {"corpus": "/corpus", "fewshot_split": "fewshot",
+                                       "test_split": "test"}}}
+    done, stopped = ({"setting": s} for s in settings(cfg)[:2])
+    c, setting, spec, key = identify(done, base)
+    tags, params = run_record(c, setting, spec, key, "/models/bd")
+    tracking.log_trial(uri, cfg.sweep.name, "run_trial_00000", tags, params,
+                       {"ca": 0.4, "asr": 0.2, "val_ca": 0.5})
+
+    class Trial:
+        config = stopped
+        last_result = {"val_ca": 0.9, "training_iteration": 1}
+
+        def __str__(self):
+            return "run_trial_00001"
+
+    cb = SweepCallback(base)
+    cb.on_trial_complete(0, [], Trial())
+    # a trial that finished (its last report has its trial_key) logged itself: nothing more is added
+    Trial.config, Trial.last_result = done, {"trial_key": key, "ca": 0.4}
+    cb.on_trial_complete(0, [], Trial())
+
+    df = tracking.runs_frame(uri, cfg.sweep.name)
+    assert len(df) == 2
+    row = df[df[f"tags.{tracking.STOPPED_TAG}"].notna()].iloc[0]
+    assert row["tags.trial_key"] == identify(stopped, base)[3] != key
+    assert row["metrics.val_ca"] == 0.9 and row["metrics.epochs_run"] == 1
+    assert math.isnan(row["metrics.ca"]) and row["params.length"] == "4" and params["length"] == 2
+    assert row["params.depth"] == "3" and row["tags.attack"] == "badnet"
+    best = tracking.best_per_group(df, "ca")  # the stopped run's higher val_ca does not count
+    assert list(best["run_name"]) == ["run_trial_00000"]
+    res = write_report(df, tmp_path / "report", cfg.sweep.name, "ca", uri=uri)
+    assert res["runs"] == 2 and res["evaluated"] == 1
+    assert "2: 1 evaluated, 1 stopped early" in (tmp_path / "report" / "report.md").read_text()
