@@ -51,6 +51,7 @@ def main():
     wall = time.perf_counter() - start
     out = {"command": cmd, "returncode": rc, "wall_s": round(wall, 1),
            "wall_min": round(wall / 60, 2), "peak_rss_mib": round(mem.peak_mib),
+           "peak_pss_mib": round(mem.peak_pss_mib),
            "stages": marks, "log": str(log)}
     if summary.exists():
         out["job"] = json.loads(summary.read_text())

@@ -7,38 +7,52 @@ import time
 
 
 
+def _field(path: str, key: str) -> int:
+    for line in open(path):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class PeakRSS:
-    """``with PeakRSS() as m: ...`` then ``m.peak_mib`` (this process plus all descendants)."""
+    """``with PeakRSS() as m: ...`` then ``m.peak_mib`` (this process plus all descendants).
+
+    ``peak_mib`` sums VmRSS, which counts pages shared between processes (the torch libraries
+    every Ray worker maps) once per process: an upper bound. ``peak_pss_mib`` sums PSS (each shared
+    page split among its sharers), the tree's real footprint.
+    """
 
     def __init__(self, pid: int | None = None, interval: float = 0.2):
         self.pid = pid or os.getpid()
         self.interval = interval
-        self.peak = 0
+        self.peak = self.peak_pss = 0
         self._stop = threading.Event()
 
-    def _tree_rss(self) -> int:
-        """Sum of VmRSS over the tree, read from /proc (Linux)."""
-        total, todo, seen = 0, [self.pid], set()
+    def _tree(self) -> tuple[int, int]:
+        """Sums of VmRSS and of PSS over the tree, read from /proc (Linux)."""
+        rss, pss, todo, seen = 0, 0, [self.pid], set()
         while todo:
             pid = todo.pop()
             if pid in seen:
                 continue
             seen.add(pid)
             try:
-                for line in open(f"/proc/{pid}/status"):
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-                        break
+                rss += _field(f"/proc/{pid}/status", "VmRSS:")
+                pss += _field(f"/proc/{pid}/smaps_rollup", "Pss:")
                 for task in os.listdir(f"/proc/{pid}/task"):
                     with open(f"/proc/{pid}/task/{task}/children") as f:
                         todo.extend(int(c) for c in f.read().split())
             except (OSError, ValueError):
                 pass
-        return total
+        return rss, pss
+
+    def _sample(self):
+        rss, pss = self._tree()
+        self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._tree_rss())
+            self._sample()
             time.sleep(self.interval)
 
     def __enter__(self):
@@ -49,8 +63,12 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-        self.peak = max(self.peak, self._tree_rss())
+        self._sample()
 
     @property
     def peak_mib(self) -> float:
         return self.peak / 2**20
+
+    @property
+    def peak_pss_mib(self) -> float:
+        return self.peak_pss / 2**20
