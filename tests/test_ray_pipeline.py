@@ -2,6 +2,7 @@
 the Ray Train loop with a killed worker, and a shard whose pickle member must never run."""
 import io
 import json
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -181,3 +182,33 @@ def test_placement_groups_of_dead_actors_are_released(ray_local):
     assert table[made]["state"] == "REMOVED"
     assert table[mine.id.hex()]["state"] == "CREATED"
     remove_placement_group(mine)
+
+
+def test_a_local_instance_listens_on_loopback_only():
+    """Even when Ray was imported before ``ray_init`` (Tune is, by the sweep job), the local instance
+    takes 127.0.0.1 as its address, not the machine's network address."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "import ray.tune, ray, json\n"
+        "from pipeline.config import load_config\n"
+        "from pipeline.session import ray_init\n"
+        "cfg = load_config('configs/smoke.yaml', ['ray.num_cpus=1'])\n"
+        "ray_init(cfg)\n"
+        "print(json.dumps([ray.util.get_node_ip_address(),"
+        " [n['NodeManagerAddress'] for n in ray.nodes()]]))\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    env["RAY_TMPDIR"] = f"/tmp/rvpt-lo-{os.getpid()}"  # short: Ray's socket paths have a limit
+    try:
+        r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=180)
+    finally:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    node_ip, managers = json.loads(r.stdout.strip().splitlines()[-1])
+    assert node_ip == "127.0.0.1" and managers == ["127.0.0.1"]
