@@ -114,26 +114,21 @@ def fewshot_key(dataset: str, image_size: int, shots: int, seed: int) -> str:
     return f"{dataset}@{image_size}px/{shots}shots/seed{seed}"
 
 
-def few_shot_sets(spec: dict, image_size: int, shots: int, seed: int) -> tuple:
-    """``(train, val, n_train)``: a dataset's few-shot set and the rest of its clean pool."""
-    from .data import few_shot_split
-
-    train, val = few_shot_split(spec["corpus"], spec["fewshot_split"], shots, image_size, seed)
-    return train, val, train.count()
-
-
 def draw_few_shot_sets(cfg: Config, base: dict) -> tuple[dict, dict]:
     """Every few-shot set the sweep's trials will train on, drawn once with Ray Data (all trials of
     a dataset share it: the draw depends only on the shots and the seed). Returns the image size
-    of each attack's model and the sets, keyed by :func:`fewshot_key`."""
+    of each attack's model and ``(train, val, n_train)`` sets, keyed by :func:`fewshot_key`."""
     from rvpt.models import load_clip
+
+    from .data import few_shot_split
 
     sizes = {a: load_clip(checkpoint=m).image_size for a, m in base["models"].items()}
     shots = cfg.defense.train.shots
     out = {}
     for name, spec in base["datasets"].items():
         for size in sorted(set(sizes.values())):
-            out[fewshot_key(name, size, shots, cfg.seed)] = few_shot_sets(spec, size, shots, cfg.seed)
+            train, val = few_shot_split(spec["corpus"], spec["fewshot_split"], shots, size, cfg.seed)
+            out[fewshot_key(name, size, shots, cfg.seed)] = (train, val, train.count())
     return sizes, out
 
 
@@ -170,8 +165,7 @@ def run_trial(config: dict, base: dict) -> None:
     image_size = base["image_sizes"][setting["attack"]]
     d = cfg.defense
     fkey = fewshot_key(setting["dataset"], image_size, d.train.shots, cfg.seed)
-    train_ds, val_ds, n_train = base["fewshot"].get(fkey) or \
-        few_shot_sets(spec, image_size, d.train.shots, cfg.seed)
+    train_ds, val_ds, n_train = base["fewshot"][fkey]
     trainer = make_trainer(cfg, model, corpus, train_ds, val_ds, n_train,
                            name=f"train-{ctx.get_trial_id()}", storage_path=base["storage"],
                            callbacks=[TuneReportCallback()])
@@ -298,11 +292,10 @@ class SweepCallback(Callback):
     def __init__(self, base: dict, every_s: float = 5.0):
         self.base, self.every_s = base, every_s
         self._last = 0.0
-        self.released = 0
 
     def _release(self) -> None:
         try:
-            self.released += release_orphaned_placement_groups()
+            release_orphaned_placement_groups()
         except Exception as e:  # noqa: BLE001 (housekeeping must never stop a sweep)
             print(f"warning: could not release orphaned placement groups: {e}", flush=True)
         self._last = time.monotonic()
@@ -317,7 +310,7 @@ class SweepCallback(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._last = 0.0
         last = trial.last_result or {}
-        if "trial_key" in last or not trial.config:  # finished and logged by the trial itself
+        if "trial_key" in last:  # finished and logged by the trial itself
             return
         from . import tracking
 
