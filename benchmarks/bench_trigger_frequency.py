@@ -50,13 +50,11 @@ def split_by_patch(d: torch.Tensor, patch: int) -> tuple[torch.Tensor, torch.Ten
     return mean, d - mean
 
 
-@torch.no_grad()
 def patch_sensitivity(overrides: list[str], eps: float, n: int = 256, seed: int = 0) -> dict:
     """Embedding change under per-patch-mean vs within-patch perturbations of equal energy."""
     from pipeline import build
     from pipeline.config import load_config
     from rvpt.models import load_clip
-    from rvpt.shards import iter_samples, split_urls
 
     torch.manual_seed(seed)
     cfg = load_config(None, overrides)
@@ -64,20 +62,27 @@ def patch_sensitivity(overrides: list[str], eps: float, n: int = 256, seed: int 
     models = {"clean": build.load_model(cfg, build.clean_model(cfg, corpus)),
               "random init": load_clip(cfg.model.name)}
     out = {}
-    for name, loaded in models.items():
-        size = loaded.image_size
-        patch = loaded.model.visual.conv1.kernel_size[0]
-        test = list(itertools.islice(iter_samples(split_urls(corpus["corpus_dir"], "test"), size), n))
-        x = torch.stack([s.image for s in test]).float().div(255)
-        e0 = loaded.encode_images(x)
-        row = {}
-        for kind, part in (("patch_mean", 0), ("within_patch", 1)):
-            d = split_by_patch(torch.randn_like(x), patch)[part]
-            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps * x[0].numel() ** 0.5
-            row[kind] = (1 - (e0 * loaded.encode_images(x + d)).sum(1)).mean().item()
-        row["ratio"] = row["patch_mean"] / row["within_patch"]
-        out[name] = row
+    with torch.no_grad():  # not around the build: it may have to pretrain the clean model
+        for name, loaded in models.items():
+            out[name] = _sensitivity(loaded, corpus["corpus_dir"], eps, n)
     return out
+
+
+def _sensitivity(loaded, corpus_dir: str, eps: float, n: int) -> dict:
+    from rvpt.shards import iter_samples, split_urls
+
+    size = loaded.image_size
+    patch = loaded.model.visual.conv1.kernel_size[0]
+    test = list(itertools.islice(iter_samples(split_urls(corpus_dir, "test"), size), n))
+    x = torch.stack([s.image for s in test]).float().div(255)
+    e0 = loaded.encode_images(x)
+    row = {}
+    for kind, part in (("patch_mean", 0), ("within_patch", 1)):
+        d = split_by_patch(torch.randn_like(x), patch)[part]
+        d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * eps * x[0].numel() ** 0.5
+        row[kind] = (1 - (e0 * loaded.encode_images(x + d)).sum(1)).mean().item()
+    row["ratio"] = row["patch_mean"] / row["within_patch"]
+    return row
 
 
 def main():
