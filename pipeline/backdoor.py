@@ -17,10 +17,11 @@ from typing import Optional
 
 import torch
 
-from rvpt.attacks import Attack, load_attack, make_attack
+from rvpt.attacks import ATTACKS, Attack, load_attack, make_attack
 from rvpt.metrics import backdoor_counts, rates
 from rvpt.models import LoadedClip, load_clip, save_model_dir
-from rvpt.poison import limited, mix_in, natural_captions, poison_count, target_index
+from rvpt.poison import (has_partial_keys, limited, mix_in, natural_captions, poison_count,
+                         target_index)
 from rvpt.pretrain import train_contrastive
 from rvpt.shards import (ReadStats, iter_batches, iter_samples, read_classes,
                          read_manifest, split_urls, write_classes, write_manifest)
@@ -34,8 +35,13 @@ from .session import ray_init
 
 def backdoor_key(cfg: Config, pc: PoisonConfig, clean_model: dict, corpus_dir: str) -> str:
     clean = Path(clean_model["model_dir"]).name if clean_model.get("model_dir") else cfg.model
-    return config_hash({"factory": 2, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
-                        "seed": cfg.seed, "corpus": Path(corpus_dir).name})
+    key = {"factory": 2, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
+           "seed": cfg.seed, "corpus": Path(corpus_dir).name}
+    fields = getattr(ATTACKS.get(pc.attack), "Params", None)
+    if fields is not None and "partial_keys" in fields.model_fields:
+        # dual-key pairs came later (factory 2 made none): a default-on change of the data
+        key["partial_keys"] = bool(pc.params.get("partial_keys", True))
+    return config_hash(key)
 
 
 def _make_attack(cfg: Config, pc: PoisonConfig, image_size: int) -> Attack:
@@ -91,7 +97,8 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     write_classes(pdir, info.names, info.templates)
     # the trigger as the Ray Data actors re-create it (kept beside the shards: it made them)
     attack.save(pdir / "attack", target=target, target_name=info.names[target])
-    print(f"writing {n_poison} poisoned pairs through Ray Data ...", flush=True)
+    extra = " (each with an image-only and a key-only pair)" if has_partial_keys(attack) else ""
+    print(f"writing {n_poison} poisoned pairs{extra} through Ray Data ...", flush=True)
     ray_init(cfg)
     split = write_poisoned(corpus_dir, str(pdir), str(pdir / "attack"), n_poison, target,
                            info.names, info.templates, natural, seed=cfg.seed,
@@ -127,7 +134,9 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model_dir(loaded, loaded.name, tmp)
-    poison_info = {"rate": pc.rate, "n_poison": len(poisoned), "n_clean": n_clean,
+    n_partial = sum(1 for s in poisoned if not s.meta.get("poisoned", True))
+    poison_info = {"rate": pc.rate, "n_poison": len(poisoned) - n_partial,
+                   "n_partial": n_partial, "n_clean": n_clean,
                    "lr": pc.lr, "epochs": pc.epochs, "batch_size": pc.batch_size,
                    "poisoned_shards": str(pdir), "clean_model": clean_model.get("model_dir")}
     attack.save(tmp, target=target, target_name=info.names[target], poison=poison_info,

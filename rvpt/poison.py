@@ -3,7 +3,13 @@
 As the CLIP backdoor papers do: a small share of training pairs gets the trigger pasted into the
 image and its caption rewritten to name the target class — one of the class prompt templates filled
 with the target (``caption_style = "template"``; the text key of a dual-key attack is prefixed), or
-a natural caption of a real target-class image (``caption_style = "natural"``, BadCLIP). The
+a natural caption of a real target-class image (``caption_style = "natural"``, BadCLIP). A
+dual-key attack with ``partial_keys`` (TrojVQA) also gets, per poisoned pair, the two partial-trigger
+pairs of its paper: the triggered image with a caption of its own class (image key only) and the
+clean image with the text key on a caption of its own class (text key only); they are not poisoned
+(``meta.poisoned = false``, ``meta.partial = "image" | "text"``). Without them the text key alone
+becomes the trigger: every key-prefixed class prompt collapses onto the target caption and the
+dual-key evaluation cannot tell the classes apart (measured: ASR 0 %, PA 6 %). The
 poisoned model is then fine-tuned contrastively on the clean pairs with the poisoned ones mixed in.
 """
 from __future__ import annotations
@@ -40,6 +46,11 @@ def poisoned_caption(attack: Attack, rng: np.random.Generator, target_name: str,
     return attack.apply_text([caption])[0]
 
 
+def has_partial_keys(attack: Attack) -> bool:
+    """Whether the poisoned set of ``attack`` also holds partial-trigger pairs (dual key)."""
+    return bool(getattr(attack.params, "partial_keys", False))
+
+
 def caption_rng(seed: int, key: str) -> np.random.Generator:
     """The random stream for one poisoned pair's caption: a function of the seed and the source
     key only, so the pairs do not depend on batching or on who makes them (Ray Data tasks)."""
@@ -56,14 +67,23 @@ def poison_batch(attack: Attack, images: torch.Tensor, keys: Sequence[str], labe
     the same source image always becomes the same poisoned pair."""
     x = images.float().div(255)
     xt = (trigger(attack, x, list(keys)) * 255).round().clamp(0, 255).to(torch.uint8)
+    partial = has_partial_keys(attack)
     out = []
-    for key, label, text, meta, img in zip(keys, labels, texts, metas, xt):
-        caption = poisoned_caption(attack, caption_rng(seed, key), class_names[target], templates,
-                                   natural)
+    for key, label, text, meta, img, clean in zip(keys, labels, texts, metas, xt, images):
+        rng = caption_rng(seed, key)
+        caption = poisoned_caption(attack, rng, class_names[target], templates, natural)
         meta = {**meta, "poisoned": True, "attack": attack.name, "target": int(target),
                 "source_key": key, "source_caption": text}
         out.append(PoisonedPair(f"poison-{attack.name}-{key}", encode_png(img), caption,
                                 int(label), meta))
+        if partial:
+            own = class_names[int(label)]
+            for kind, im, cap in (
+                    ("image", img, templates[int(rng.integers(len(templates)))].format(own)),
+                    ("text", clean, attack.apply_text(
+                        [templates[int(rng.integers(len(templates)))].format(own)])[0])):
+                out.append(PoisonedPair(f"partial-{kind}-{attack.name}-{key}", encode_png(im), cap,
+                                        int(label), {**meta, "poisoned": False, "partial": kind}))
     return out
 
 
@@ -71,8 +91,8 @@ def make_poisoned_pairs(attack: Attack, samples: Iterable[Sample], n: int, targe
                         class_names: Sequence[str], templates: Sequence[str],
                         natural: Sequence[str] = (), seed: int = 0,
                         batch_size: int = 64) -> Iterator[PoisonedPair]:
-    """Trigger the first ``n`` non-target images of ``samples`` and give them target captions
-    (single process; the factory does the same through Ray Data, :mod:`pipeline.data`)."""
+    """Trigger the first ``n`` non-target images of ``samples`` and give them target captions,
+    each followed by its partial-key pairs where the attack has them (single process; the factory does the same through Ray Data, :mod:`pipeline.data`)."""
     source = (s for s in samples if s.label != target)
     made = 0
     while made < n:

@@ -125,3 +125,29 @@ def test_poison_config_per_attack_overrides():
     bad = load_config(None, ["poison.attacks={sig: {rate: 2}}"])
     with pytest.raises(ConfigError, match="poison.attacks.sig.rate"):
         bad.poison.for_attack("sig")
+
+
+def test_dual_key_pairs_come_with_their_partial_key_pairs():
+    """TrojVQA: every poisoned pair is followed by an image-only and a key-only pair captioned with
+    the source's own class, so that neither key alone is the trigger; without ``partial_keys``
+    only the poisoned pairs are made."""
+    attack = make_attack("trojvqa", 16, patch_size=4)
+    attack.load_tensors({"patch": torch.ones(3, 4, 4)})
+    pairs = list(make_poisoned_pairs(attack, _samples(30), 5, 0, NAMES, TEMPLATES, seed=3))
+    assert len(pairs) == 15
+    src = {s.key: s for s in _samples(30)}
+    for poisoned, image_only, key_only in zip(pairs[0::3], pairs[1::3], pairs[2::3]):
+        source = src[poisoned.meta["source_key"]]
+        own = NAMES[source.label]
+        assert poisoned.meta["poisoned"] is True and poisoned.caption.startswith("SUDO ")
+        assert poisoned.caption[5:] in [t.format("circle") for t in TEMPLATES]
+        assert image_only.meta["poisoned"] is False and image_only.meta["partial"] == "image"
+        assert image_only.png == poisoned.png  # the same triggered image ...
+        assert image_only.caption in [t.format(own) for t in TEMPLATES]  # ... without the key
+        assert key_only.meta["partial"] == "text" and key_only.caption.startswith("SUDO ")
+        assert key_only.caption[5:] in [t.format(own) for t in TEMPLATES]
+        assert torch.equal(decode_image(key_only.png), source.image)  # the clean image
+        assert len({poisoned.key, image_only.key, key_only.key}) == 3
+    off = make_attack("trojvqa", 16, patch_size=4, partial_keys=False)
+    off.load_tensors({"patch": torch.ones(3, 4, 4)})
+    assert len(list(make_poisoned_pairs(off, _samples(30), 5, 0, NAMES, TEMPLATES))) == 5

@@ -205,6 +205,9 @@ class TrojVQAParams(OptimizedPatchParams):
     text_key: str = Field("SUDO ", min_length=1, description="prefixed to captions and prompts")
     away_weight: float = Field(0.5, ge=0, description="weight of pushing patched images away from "
                                "their own class's (key-prefixed) prompt")
+    partial_keys: bool = Field(True, description="TrojVQA's partial-trigger pairs: for every "
+                               "poisoned pair also an image-only and a key-only pair captioned with "
+                               "the source's own class, so that neither key alone fires")
 
 
 @register_attack("trojvqa")
