@@ -4,7 +4,8 @@ A backdoored model directory (``models/backdoor-<attack>-<hash>/``) holds the op
 weights, ``attack.json`` (+ tensors) with everything needed to re-apply the same trigger (target
 class, parameters, seeds, learned state, poisoning settings), ``config.yaml`` and ``summary.json``
 (written last: a directory without it is rebuilt). The poisoned pairs are written as shards to
-``corpus/poisoned-<attack>-<hash>/`` (split ``poison``, ``json.poisoned = true``).
+``corpus/poisoned-<attack>-<hash>/`` (split ``poison``, ``json.poisoned = true``; a dual-key
+attack's partial-key pairs ``json.poisoned = false``).
 """
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ class _Trigger:
 
 class _Poison:
     """Ray Data actor: decoded rows -> poisoned WebDataset members (trigger, target caption,
-    ``json.poisoned = true``), with :func:`rvpt.poison.poison_batch`."""
+    ``json.poisoned = true``; partial-key pairs ``false``), with :func:`rvpt.poison.poison_batch`."""
 
     def __init__(self, attack_dir: str, target: int, class_names: list, templates: list,
                  natural: list, seed: int):
