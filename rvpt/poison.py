@@ -74,15 +74,14 @@ def poison_batch(attack: Attack, images: torch.Tensor, keys: Sequence[str], labe
         caption = poisoned_caption(attack, rng, class_names[target], templates, natural)
         meta = {**meta, "poisoned": True, "attack": attack.name, "target": int(target),
                 "source_key": key, "source_caption": text}
-        out.append(PoisonedPair(f"poison-{attack.name}-{key}", encode_png(img), caption,
-                                int(label), meta))
+        png = encode_png(img)
+        out.append(PoisonedPair(f"poison-{attack.name}-{key}", png, caption, int(label), meta))
         if partial:
-            own = class_names[int(label)]
-            for kind, im, cap in (
-                    ("image", img, templates[int(rng.integers(len(templates)))].format(own)),
-                    ("text", clean, attack.apply_text(
-                        [templates[int(rng.integers(len(templates)))].format(own)])[0])):
-                out.append(PoisonedPair(f"partial-{kind}-{attack.name}-{key}", encode_png(im), cap,
+            own = [templates[int(rng.integers(len(templates)))].format(class_names[int(label)])
+                   for _ in range(2)]
+            for kind, im_png, cap in (("image", png, own[0]),
+                                      ("text", encode_png(clean), attack.apply_text([own[1]])[0])):
+                out.append(PoisonedPair(f"partial-{kind}-{attack.name}-{key}", im_png, cap,
                                         int(label), {**meta, "poisoned": False, "partial": kind}))
     return out
 
@@ -92,7 +91,8 @@ def make_poisoned_pairs(attack: Attack, samples: Iterable[Sample], n: int, targe
                         natural: Sequence[str] = (), seed: int = 0,
                         batch_size: int = 64) -> Iterator[PoisonedPair]:
     """Trigger the first ``n`` non-target images of ``samples`` and give them target captions,
-    each followed by its partial-key pairs where the attack has them (single process; the factory does the same through Ray Data, :mod:`pipeline.data`)."""
+    each followed by its partial-key pairs where the attack has them (single process; the factory
+    does the same through Ray Data, :mod:`pipeline.data`)."""
     source = (s for s in samples if s.label != target)
     made = 0
     while made < n:
