@@ -1,7 +1,8 @@
 """Where a backdoor acts inside the image tower, per block: clean vs backdoored vs defended.
 
     .venv/bin/python benchmarks/bench_backdoor_layers.py --model BACKDOORED_DIR --corpus DIR \
-        [--clean CLEAN_DIR] [--prompts NAME=DEFENSE_DIR ...] [--images 512] [--out FILE]
+        [--clean CLEAN_DIR] [--prompts NAME=DEFENSE_DIR ...] [--knockout 8,9,10] [--images 512]
+        [--out FILE]
 
 For test images outside the target class, each model (the clean one, the backdoored one, and the
 backdoored one with each defense's prompts) gets, per block:
@@ -13,12 +14,18 @@ backdoored one with each defense's prompts) gets, per block:
   image, e.g. a BadCLIP/TrojVQA/BadNet patch at a fixed position), and on the clean images in brackets;
 - ``prm``: the CLS token's attention mass on the prompt tokens (prompted blocks only).
 
-It also prints the share of triggered images that go to the target (plain class prompts), so the
-per-block picture can be read against the outcome.
+``--knockout BLOCKS`` then runs the backdoored model once more with the CLS token barred from
+attending to the trigger's patch tokens in those blocks (everything else unchanged), and prints how
+many triggered images still go to the target and the accuracy on the clean images: a causal check
+of whether the backdoor travels through that attention.
+
+It also prints the share of triggered images that go to the target (the class prompts, with the text
+key for a dual-key attack such as TrojVQA), so the per-block picture can be read against the outcome.
 """
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,7 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.backdoor import load_backdoored  # noqa: E402
+from pipeline.backdoor import load_backdoored, trigger_classifier  # noqa: E402
 from rvpt.models import load_clip  # noqa: E402
 from rvpt.prompts import VisualPrompts, vision_blocks, visual_forward  # noqa: E402
 from rvpt.shards import iter_batches, iter_samples, read_classes, split_urls  # noqa: E402
@@ -67,6 +74,32 @@ def per_block(loaded, x01: torch.Tensor, prompts=None) -> tuple[list, list, torc
     return feats, rows, F.normalize(emb, dim=-1)
 
 
+@contextmanager
+def cls_blind_to(visual, blocks: list[int], tokens: list[int]):
+    """In ``blocks``, the CLS query gets -inf attention logits on the patch ``tokens``."""
+    saved = {}
+    mods = vision_blocks(visual)
+
+    def wrap(blk):
+        inner = blk.attention
+
+        def attention(q_x, k_x=None, v_x=None, attn_mask=None):
+            T = q_x.shape[1] if getattr(blk.attn, "batch_first", False) else q_x.shape[0]
+            mask = torch.zeros(T, T, dtype=q_x.dtype, device=q_x.device)
+            mask[0, [1 + t for t in tokens]] = float("-inf")
+            return inner(q_x, k_x, v_x, attn_mask=mask if attn_mask is None else attn_mask + mask)
+        return attention
+    try:
+        for b in blocks:
+            saved[b] = mods[b].attention
+            mods[b].attention = wrap(mods[b])
+        yield
+    finally:
+        for b, fn in saved.items():
+            del mods[b].attention  # back to the class method
+            assert mods[b].attention.__func__ is fn.__func__
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="backdoored model directory (with attack.json)")
@@ -74,6 +107,8 @@ def main():
     ap.add_argument("--clean", help="the clean model directory it was made from")
     ap.add_argument("--prompts", action="append", default=[], metavar="NAME=DIR",
                     help="a defense directory holding prompts.safetensors (repeatable)")
+    ap.add_argument("--knockout", metavar="B1,B2,...",
+                    help="blocks (0-based) where the CLS token may not attend to the trigger's tokens")
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--out")
     args = ap.parse_args()
@@ -82,15 +117,16 @@ def main():
     bd, attack, target, _ = load_backdoored(args.model, None, info.names)
     if attack is None:
         ap.error(f"{args.model} has no attack.json")
-    xs = []
+    xs, ys = [], []
     n = 0
     for batch in iter_batches(iter_samples(split_urls(args.corpus, "test"), bd.image_size), 256):
         keep = batch["label"] != target
         xs.append(batch["image"][keep].float().div(255))
+        ys.append(batch["label"][keep])
         n += int(keep.sum())
         if n >= args.images:
             break
-    x = torch.cat(xs)[: args.images]
+    x, y = torch.cat(xs)[: args.images], torch.cat(ys)[: args.images]
     xt = attack.apply(x, seed=0).clamp(0, 1)
     patch = bd.model.visual.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
@@ -108,7 +144,8 @@ def main():
     for name, loaded, prompts in models:
         f0, a0, e0 = per_block(loaded, x, prompts)
         f1, a1, e1 = per_block(loaded, xt, prompts)
-        clf = class_embeddings(loaded, info.names, info.templates)
+        clf = trigger_classifier(loaded, attack, info.names, info.templates, ensemble=False)
+        clf = class_embeddings(loaded, info.names, info.templates) if clf is None else clf
         to_target = float(((e1 @ clf.T).argmax(-1) == target).float().mean())
         L = prompts.length if prompts is not None else 0
         depth = prompts.depth if prompts is not None else len(f0)
@@ -140,8 +177,27 @@ def main():
             if n not in ("clean", "backdoored"):
                 cells.append(f"{r['prm']:.3f}" if "prm" in r else "-")
         print(f"{i:5d} | " + " | ".join(cells))
-    print("to target (plain prompts): " + ", ".join(
+    print("to target: " + ", ".join(
         f"{n} {100 * results['models'][n]['to_target']:.1f} %" for n in names))
+    if args.knockout:
+        if not toks:
+            ap.error("--knockout needs a trigger that covers a few patches in a fixed place")
+        blocks = [int(b) for b in args.knockout.split(",")]
+        clf = class_embeddings(bd, info.names, info.templates)
+        kclf = trigger_classifier(bd, attack, info.names, info.templates, ensemble=False)
+        kclf = clf if kclf is None else kclf
+        with cls_blind_to(bd.model.visual, blocks, toks):
+            _, _, e0 = per_block(bd, x)
+            _, _, e1 = per_block(bd, xt)
+        ko = {"blocks": blocks,
+              "to_target": float(((e1 @ kclf.T).argmax(-1) == target).float().mean()),
+              "clean_acc": float(((e0 @ clf.T).argmax(-1) == y).float().mean())}
+        _, _, e0 = per_block(bd, x)
+        ko["clean_acc_without"] = float(((e0 @ clf.T).argmax(-1) == y).float().mean())
+        results["knockout"] = ko
+        print(f"knockout of the CLS -> trigger attention in blocks {blocks}: to target "
+              f"{100 * ko['to_target']:.1f} % (without it {100 * results['models']['backdoored']['to_target']:.1f} %); "
+              f"clean accuracy {100 * ko['clean_acc']:.1f} % (without it {100 * ko['clean_acc_without']:.1f} %)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
