@@ -77,7 +77,6 @@ def per_block(loaded, x01: torch.Tensor, prompts=None) -> tuple[list, list, torc
 @contextmanager
 def cls_blind_to(visual, blocks: list[int], tokens: list[int]):
     """In ``blocks``, the CLS query gets -inf attention logits on the patch ``tokens``."""
-    saved = {}
     mods = vision_blocks(visual)
 
     def wrap(blk):
@@ -91,13 +90,11 @@ def cls_blind_to(visual, blocks: list[int], tokens: list[int]):
         return attention
     try:
         for b in blocks:
-            saved[b] = mods[b].attention
-            mods[b].attention = wrap(mods[b])
+            mods[b].attention = wrap(mods[b])  # an instance attribute shadows the method
         yield
     finally:
-        for b, fn in saved.items():
-            del mods[b].attention  # back to the class method
-            assert mods[b].attention.__func__ is fn.__func__
+        for b in blocks:
+            mods[b].__dict__.pop("attention", None)
 
 
 def main():
@@ -131,6 +128,23 @@ def main():
     patch = bd.model.visual.patch_size
     patch = patch[0] if isinstance(patch, (tuple, list)) else patch
     toks = trigger_tokens(x, xt, patch)
+    blocks = []
+    if args.knockout:  # checked before the long work
+        if not toks:
+            ap.error("--knockout needs a trigger that covers a few patches in a fixed place")
+        n_blocks = len(vision_blocks(bd.model.visual))
+        try:
+            blocks = [int(b) for b in args.knockout.split(",")]
+        except ValueError:
+            ap.error(f"--knockout {args.knockout!r}: expected block numbers, e.g. 8,9,10")
+        if not all(0 <= b < n_blocks for b in blocks):
+            ap.error(f"--knockout: blocks are 0..{n_blocks - 1} in this model")
+
+    def classifiers(loaded):
+        """Class embeddings for clean images, and for triggered ones (keyed for dual-key attacks)."""
+        clf = class_embeddings(loaded, info.names, info.templates)
+        keyed = trigger_classifier(loaded, attack, info.names, info.templates, ensemble=False)
+        return clf, clf if keyed is None else keyed
 
     models = []
     if args.clean:
@@ -144,9 +158,9 @@ def main():
     for name, loaded, prompts in models:
         f0, a0, e0 = per_block(loaded, x, prompts)
         f1, a1, e1 = per_block(loaded, xt, prompts)
-        clf = trigger_classifier(loaded, attack, info.names, info.templates, ensemble=False)
-        clf = class_embeddings(loaded, info.names, info.templates) if clf is None else clf
-        to_target = float(((e1 @ clf.T).argmax(-1) == target).float().mean())
+        clf, kclf = classifiers(loaded)
+        to_target = float(((e1 @ kclf.T).argmax(-1) == target).float().mean())
+        clean_acc = float(((e0 @ clf.T).argmax(-1) == y).float().mean())
         L = prompts.length if prompts is not None else 0
         depth = prompts.depth if prompts is not None else len(f0)
         rows = []
@@ -159,7 +173,7 @@ def main():
             if i >= depth and L:
                 r["prm"] = float(a1[i][:, 1:1 + L].sum(-1).mean())
             rows.append(r)
-        results["models"][name] = {"to_target": to_target, "blocks": rows}
+        results["models"][name] = {"to_target": to_target, "clean_acc": clean_acc, "blocks": rows}
 
     print(f"{attack.name}: {len(x)} non-target test images; trigger patch tokens {toks or '-'}")
     names = list(results["models"])
@@ -179,25 +193,19 @@ def main():
         print(f"{i:5d} | " + " | ".join(cells))
     print("to target: " + ", ".join(
         f"{n} {100 * results['models'][n]['to_target']:.1f} %" for n in names))
-    if args.knockout:
-        if not toks:
-            ap.error("--knockout needs a trigger that covers a few patches in a fixed place")
-        blocks = [int(b) for b in args.knockout.split(",")]
-        clf = class_embeddings(bd, info.names, info.templates)
-        kclf = trigger_classifier(bd, attack, info.names, info.templates, ensemble=False)
-        kclf = clf if kclf is None else kclf
+    if blocks:
+        clf, kclf = classifiers(bd)
         with cls_blind_to(bd.model.visual, blocks, toks):
             _, _, e0 = per_block(bd, x)
             _, _, e1 = per_block(bd, xt)
         ko = {"blocks": blocks,
               "to_target": float(((e1 @ kclf.T).argmax(-1) == target).float().mean()),
               "clean_acc": float(((e0 @ clf.T).argmax(-1) == y).float().mean())}
-        _, _, e0 = per_block(bd, x)
-        ko["clean_acc_without"] = float(((e0 @ clf.T).argmax(-1) == y).float().mean())
         results["knockout"] = ko
+        base = results["models"]["backdoored"]
         print(f"knockout of the CLS -> trigger attention in blocks {blocks}: to target "
-              f"{100 * ko['to_target']:.1f} % (without it {100 * results['models']['backdoored']['to_target']:.1f} %); "
-              f"clean accuracy {100 * ko['clean_acc']:.1f} % (without it {100 * ko['clean_acc_without']:.1f} %)")
+              f"{100 * ko['to_target']:.1f} % (without it {100 * base['to_target']:.1f} %); "
+              f"clean accuracy {100 * ko['clean_acc']:.1f} % (without it {100 * base['clean_acc']:.1f} %)")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
