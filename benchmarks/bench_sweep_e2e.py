@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memwatch import PeakRSS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("corpus:", "clean model:", "backdoored model for", "writing", "sweep rvpt", "resuming sweep",
+STAGES = ("corpus:", "clean model:", "backdoored model for", "writing", "sweep ", "resuming sweep",
           "best per attack", "report:")
 
 
@@ -43,10 +43,11 @@ def main():
         with PeakRSS(proc.pid, interval=0.5) as mem:
             for line in proc.stdout:
                 f.write(line)
-                if any(s in line for s in STAGES):
+                last = line.rsplit("\r", 1)[-1].strip()
+                if last.startswith(STAGES):  # the job's own lines, not its progress bars
                     t = round(time.perf_counter() - start, 1)
-                    marks.append((t, line.strip()[:120]))
-                    print(f"[{t:7.1f} s] {line.strip()[:120]}", flush=True)
+                    marks.append((t, last[:120]))
+                    print(f"[{t:7.1f} s] {last[:120]}", flush=True)
             rc = proc.wait()
     wall = time.perf_counter() - start
     out = {"command": cmd, "returncode": rc, "wall_s": round(wall, 1),

@@ -127,11 +127,27 @@ def resolve_corpus(cfg: Config) -> dict:
     return {"corpus_dir": str(path), "cached": True, **_corpus_counts(read_manifest(path))}
 
 
+def corpus_line(c: dict) -> str:
+    """One line saying which corpus is used and whether it was built now."""
+    state = "reused" if c["cached"] else f"built in {c['wall_s']} s ({c['images_per_s']} img/s)"
+    return f"corpus: {c['corpus_dir']} ({state})"
+
+
 # ---------------------------------------------------------------- clean model
 
 def model_key(cfg: Config, corpus_dir: str) -> str:
     return config_hash({"corpus": Path(corpus_dir).name, "model": cfg.model,
                         "pretrain": cfg.pretrain.model_dump(exclude={"threads"}), "seed": cfg.seed})
+
+
+def clean_model_line(cfg: Config, model: dict) -> str:
+    """One line saying which clean model is used and whether it was pretrained now."""
+    if not model.get("trained"):
+        return (f"clean model: {cfg.model.name} (pretrained={cfg.model.pretrained}, "
+                f"checkpoint={cfg.model.checkpoint}); no pretraining")
+    state = "reused" if model.get("cached") else \
+        f"trained in {model['pretrain_wall_s']} s ({model['samples_per_s']} samples/s)"
+    return f"clean model: {model['model_dir']} ({state})"
 
 
 def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:

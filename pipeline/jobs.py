@@ -23,8 +23,7 @@ def _table(rows: list[tuple], header: tuple) -> str:
 
 
 def _print_corpus(c: dict) -> None:
-    state = "reused" if c["cached"] else f"built in {c['wall_s']} s ({c['images_per_s']} img/s)"
-    print(f"corpus: {c['corpus_dir']} ({state})")
+    print(build.corpus_line(c))
     print(_table([(k, v["count"], v["shards"]) for k, v in c["splits"].items()],
                  ("split", "samples", "shards")))
 
@@ -60,13 +59,7 @@ def pretrain(cfg: Config, args: argparse.Namespace) -> dict:
     corpus = build.resolve_corpus(cfg)
     _print_corpus(corpus)
     model = build.clean_model(cfg, corpus)
-    if model.get("trained"):
-        state = "reused" if model.get("cached") else \
-            f"trained in {model['pretrain_wall_s']} s ({model['samples_per_s']} samples/s)"
-        print(f"clean model: {model['model_dir']} ({state})")
-    else:
-        print(f"clean model: {cfg.model.name} (pretrained={cfg.model.pretrained}, "
-              f"checkpoint={cfg.model.checkpoint}); no pretraining")
+    print(build.clean_model_line(cfg, model))
     metrics = _evaluate(cfg, corpus, model)
     print(_table([(k, f"{100 * metrics[k]:.2f} %", metrics[f"{k}_n"]) for k in ("ca", "ca_shift")
                   if k in metrics], ("zero-shot", "accuracy", "images")))

@@ -333,19 +333,26 @@ def prepare(cfg: Config) -> dict:
 
     root = cfg.root()
     datasets, corpus = {}, None
+
+    def embedded_corpus():
+        c = build.resolve_corpus(cfg)
+        print(build.corpus_line(c), flush=True)
+        return c
+
     for name, spec in cfg.sweep.datasets.items():
         uri = spec.corpus
         if uri is None:
-            corpus = corpus or build.resolve_corpus(cfg)
+            corpus = corpus or embedded_corpus()
             uri = corpus["corpus_dir"]
         datasets[name] = {"corpus": uri, "fewshot_split": spec.fewshot_split,
                           "test_split": spec.test_split}
     models = {}
     missing = [a for a in cfg.sweep.attacks if a not in cfg.sweep.models]
     if missing:
-        corpus = corpus or build.resolve_corpus(cfg)
+        corpus = corpus or embedded_corpus()
         backdoor.check_poison_config(cfg, missing, corpus["corpus_dir"], cfg.corpus.image_size)
         clean = build.clean_model(cfg, corpus)
+        print(build.clean_model_line(cfg, clean), flush=True)
         for attack in missing:
             print(f"backdoored model for {attack} ...", flush=True)
             models[attack] = backdoor.build_backdoored(cfg, attack, corpus, clean)["model_dir"]
@@ -396,11 +403,15 @@ def make_tuner(cfg: Config, base: dict):
         if s.search == "optuna":
             raise ConfigError("config error: sweep.search: optuna is not available in this "
                               "install; use grid or random")
+    at_once = concurrency(cfg)
+    n_trials = len(space["setting"]["grid_search"]) if s.search == "grid" else \
+        len(space["group"]["grid_search"]) * num_samples
+    print(f"sweep {name}: {n_trials} trials, up to {at_once} at a time", flush=True)
     tuner = tune.Tuner(
         trainable, param_space=space,
         tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_alg,
                                     num_samples=num_samples,
-                                    max_concurrent_trials=concurrency(cfg)),
+                                    max_concurrent_trials=at_once),
         run_config=tune.RunConfig(name=name, storage_path=base["storage"],
                                   failure_config=tune.FailureConfig(max_failures=1),
                                   callbacks=[SweepCallback({k: base[k] for k in SLIM})],

@@ -3,6 +3,7 @@ re-runs and resumption, jobs/best.py against Tune's own choice, and `ray job sub
 real local cluster."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,6 +49,10 @@ def test_sweep_records_every_trial_in_mlflow(swept):
     assert {"config.yaml", "prompts"} <= names
     assert "best per attack x dataset" in stdout
     assert Path(res["report"]["report"]).exists()
+    # progress a user can follow: what was built, then the sweep's size before Tune's own output
+    assert re.search(r"^corpus: .+ \(built in [\d.]+ s", stdout, re.M), stdout[:2000]
+    assert re.search(r"^clean model: .+ \(trained in [\d.]+ s", stdout, re.M), stdout[:2000]
+    assert re.search(r"^sweep smoke-[0-9a-f]+: 4 trials, up to \d+ at a time$", stdout, re.M)
 
 
 def test_best_job_picks_tunes_best_trial(swept):
@@ -68,6 +73,7 @@ def test_rerunning_a_finished_sweep_adds_no_runs(swept):
     r = run_job("sweep.py", *SMOKE, f"paths.root={root}", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming sweep" in r.stdout
+    assert re.search(r"^corpus: .+ \(reused\)$", r.stdout, re.M)
     assert set(_runs(root)["run_id"]) == before
 
 
