@@ -98,8 +98,8 @@ class PoisonConfig(_Strict):
     The defaults are the embedded benchmark's: 10 % poisoned, lr 5e-4, 3 epochs. The papers' dose
     (0.3 % of 500 K pairs, lr 1e-5, 5 epochs) plants nothing in the tiny CLIP: measured, 1 % at
     1e-4 for 2 epochs gave ASR 0.04 % (BadNet); 10 % at 5e-4 gave SIG 91.5 % ASR in 3 epochs on an
-    earlier build and 57.0 % on the current one, 97.8 % in 6 epochs (``configs/default.yaml`` sets
-    SIG's epochs to 6). Paper-scale configs set the papers' values."""
+    earlier build and 57-74 % on the current one (by poisoning seed), 97.8 % in 6 epochs
+    (``configs/default.yaml`` sets SIG's epochs to 6). Paper-scale configs set the papers' values."""
 
     attack: str = Field("badnet", description="attack name (see rvpt.attacks.ATTACKS)")
     target: Union[int, str] = Field(0, description="target class: index or name")

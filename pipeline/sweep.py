@@ -393,19 +393,20 @@ def make_tuner(cfg: Config, base: dict):
                             max_t=epochs + 1, grace_period=min(s.grace_period, epochs),
                             reduction_factor=s.reduction_factor) if s.scheduler == "asha" else None
     if s.search == "grid":
-        space, num_samples, search_alg = {"setting": tune.grid_search(settings(cfg))}, 1, None
+        grid = settings(cfg)
+        space, num_samples, search_alg = {"setting": tune.grid_search(grid)}, 1, None
+        n_trials = len(grid)
     else:
         groups = [{"attack": a, "dataset": d, "defense": f} for a in s.attacks
                   for d in s.datasets for f in s.defenses]
         space = {"group": tune.grid_search(groups), "depth": tune.choice(s.space.depth),
                  "length": tune.choice(s.space.length), "alpha": tune.choice(s.space.alpha)}
         num_samples, search_alg = s.num_samples, None
+        n_trials = len(groups) * num_samples
         if s.search == "optuna":
             raise ConfigError("config error: sweep.search: optuna is not available in this "
                               "install; use grid or random")
     at_once = concurrency(cfg)
-    n_trials = len(space["setting"]["grid_search"]) if s.search == "grid" else \
-        len(space["group"]["grid_search"]) * num_samples
     print(f"sweep {name}: {n_trials} trials, up to {at_once} at a time", flush=True)
     tuner = tune.Tuner(
         trainable, param_space=space,
