@@ -12,7 +12,8 @@ backdoored one with each defense's prompts) gets, per block:
 - ``attn``: the CLS token's attention weight on the patch tokens the trigger covers, on triggered
   images (only for triggers that cover less than half of the patches in the same place in every
   image, e.g. a BadCLIP/TrojVQA/BadNet patch at a fixed position), and on the clean images in brackets;
-- ``prm``: the CLS token's attention mass on the prompt tokens (prompted blocks only).
+  in a model with several heads, that of the head which gives the trigger most (all heads in the JSON);
+- ``prm``: the CLS token's attention mass on the prompt tokens (prompted blocks only; mean over heads).
 
 ``--knockout BLOCKS`` then runs the backdoored model once more with the CLS token barred from
 attending to the trigger's patch tokens in those blocks (everything else unchanged), and prints how
@@ -63,8 +64,8 @@ def per_block(loaded, x01: torch.Tensor, prompts=None) -> tuple[list, list, torc
         y = blk.ln_1(h if bf else h.transpose(0, 1))
         if not getattr(blk.attn, "batch_first", False):
             y = y.transpose(0, 1)
-        _, w = blk.attn(y, y, y, need_weights=True, average_attn_weights=True)
-        rows.append(w[:, 0])  # [B, T]: CLS attends to every token
+        _, w = blk.attn(y, y, y, need_weights=True, average_attn_weights=False)
+        rows.append(w[:, :, 0])  # [B, heads, T]: CLS attends to every token
     handles = [b.register_forward_pre_hook(hook) for b in vision_blocks(visual)]
     try:
         emb, feats = visual_forward(visual, loaded.normalize(x01), prompts, collect_from=0)
@@ -168,10 +169,13 @@ def main():
             r = {"cos": float(F.cosine_similarity(f0[i], f1[i], dim=-1).mean())}
             off = 1 + (L if i >= depth else 0)  # token index of the first patch in block i
             if toks:
-                r["attn"] = float(a1[i][:, [off + t for t in toks]].sum(-1).mean())
-                r["attn_clean"] = float(a0[i][:, [off + t for t in toks]].sum(-1).mean())
+                heads = a1[i][..., [off + t for t in toks]].sum(-1).mean(0)  # [heads]
+                top = int(heads.argmax())
+                r["attn"] = float(heads[top])
+                r["attn_clean"] = float(a0[i][:, top, [off + t for t in toks]].sum(-1).mean())
+                r["attn_heads"] = [round(float(h), 4) for h in heads]
             if i >= depth and L:
-                r["prm"] = float(a1[i][:, 1:1 + L].sum(-1).mean())
+                r["prm"] = float(a1[i][..., 1:1 + L].sum(-1).mean())
             rows.append(r)
         results["models"][name] = {"to_target": to_target, "clean_acc": clean_acc, "blocks": rows}
 

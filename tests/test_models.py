@@ -18,7 +18,7 @@ import torch
 from rvpt import models as M
 
 MICRO = "ViT-Micro-4-p8-32"
-OURS = ["ViT-Micro-4-p8-32", "ViT-Tiny-12-p8-32", "ViT-Tiny-12-p8-64"]
+OURS = ["ViT-Micro-4-p8-32", "ViT-Tiny-12-p8-32", "ViT-Tiny-12-p8-64", "ViT-W192-12-p8-32"]
 TEXTS = ["a photo of a cat", "a photo of a dog", "trigger"]
 
 
@@ -83,7 +83,7 @@ def _save(fmt: str, loaded: M.LoadedClip, tmp_path: Path) -> Path:
 
 def test_tiny_configs_are_registered() -> None:
     assert set(OURS) <= set(open_clip.list_models())
-    assert M.known_models()[:3] == OURS
+    assert M.known_models()[:len(OURS)] == OURS
     before = len(open_clip.list_models())
     M.register_configs()
     M.register_configs()
