@@ -13,4 +13,4 @@ from pipeline.best import add_args, best
 from pipeline.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__.splitlines()[0], best, extra_args=add_args))
+    sys.exit(main(__doc__.splitlines()[0], best, extra_args=add_args, writes_results=False))

@@ -9,9 +9,7 @@ attack's partial-key pairs ``json.poisoned = false``).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -20,12 +18,13 @@ import torch
 
 from rvpt.attacks import ATTACKS, Attack, load_attack, make_attack
 from rvpt.metrics import backdoor_counts, rates
-from rvpt.models import LoadedClip, load_clip, save_model_dir
+from rvpt.models import LoadedClip, ModelError, load_clip, save_model_dir
 from rvpt.poison import (has_partial_keys, limited, mix_in, natural_captions, poison_count,
                          target_index)
 from rvpt.pretrain import train_contrastive
-from rvpt.shards import (ReadStats, iter_batches, iter_samples, read_classes,
-                         read_manifest, split_urls, write_classes, write_manifest)
+from rvpt import storage
+from rvpt.shards import (ReadStats, iter_batches, iter_samples, read_classes, split_urls,
+                         write_classes, write_manifest)
 from rvpt.zeroshot import class_embeddings
 
 from . import build
@@ -35,9 +34,9 @@ from .session import ray_init
 
 
 def backdoor_key(cfg: Config, pc: PoisonConfig, clean_model: dict, corpus_dir: str) -> str:
-    clean = Path(clean_model["model_dir"]).name if clean_model.get("model_dir") else cfg.model
+    clean = storage.name_of(clean_model["model_dir"]) if clean_model.get("model_dir") else cfg.model
     key = {"factory": 2, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
-           "seed": cfg.seed, "corpus": Path(corpus_dir).name}
+           "seed": cfg.seed, "corpus": storage.name_of(corpus_dir)}
     fields = getattr(ATTACKS.get(pc.attack), "Params", None)
     if fields is not None and "partial_keys" in fields.model_fields:
         # dual-key pairs came later (factory 2 made none): a default-on change of the data
@@ -66,9 +65,9 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     """Poison the clean model with one attack (cached). Returns the summary with ``model_dir``."""
     pc = cfg.poison.for_attack(attack_name)
     key = backdoor_key(cfg, pc, clean_model, corpus["corpus_dir"])
-    out = cfg.root() / "models" / f"backdoor-{attack_name}-{key}"
-    if (out / "summary.json").exists() and not force:
-        return {**json.loads((out / "summary.json").read_text()), "cached": True}
+    out = storage.join(cfg.root(), "models", f"backdoor-{attack_name}-{key}")
+    if storage.exists(storage.join(out, build.SUMMARY)) and not force:
+        return {**storage.read_json(storage.join(out, build.SUMMARY)), "cached": True}
     corpus_dir = corpus["corpus_dir"]
     info = read_classes(corpus_dir)
     try:
@@ -81,7 +80,7 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
     urls = split_urls(corpus_dir, "pretrain")
-    total = read_manifest(corpus_dir)["splits"]["pretrain"]["count"]
+    total = build.split_count(corpus_dir, "pretrain")
     n_clean = min(pc.n_clean or total, total)
 
     fit_stats: dict = {}
@@ -93,15 +92,17 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     n_poison = poison_count(pc.rate, n_clean)
     natural = natural_captions(iter_samples(urls, loaded.image_size), target) \
         if getattr(attack, "caption_style", "template") == "natural" else []
-    pdir = cfg.root() / "corpus" / f"poisoned-{attack_name}-{key}"
-    shutil.rmtree(pdir, ignore_errors=True)
+    pdir = storage.join(cfg.root(), "corpus", f"poisoned-{attack_name}-{key}")
+    storage.remove(pdir)
     write_classes(pdir, info.names, info.templates)
     # the trigger as the Ray Data actors re-create it (kept beside the shards: it made them)
-    attack.save(pdir / "attack", target=target, target_name=info.names[target])
+    with tempfile.TemporaryDirectory() as tmp:
+        attack.save(tmp, target=target, target_name=info.names[target])
+        storage.upload(tmp, storage.join(pdir, "attack"))
     extra = " (each with an image-only and a key-only pair)" if has_partial_keys(attack) else ""
     print(f"writing {n_poison} poisoned pairs{extra} through Ray Data ...", flush=True)
     ray_init(cfg)
-    split = write_poisoned(corpus_dir, str(pdir), str(pdir / "attack"), n_poison, target,
+    split = write_poisoned(corpus_dir, pdir, storage.join(pdir, "attack"), n_poison, target,
                            info.names, info.templates, natural, seed=cfg.seed,
                            image_size=loaded.image_size, shard_size=cfg.corpus.shard_size)
     write_manifest(pdir, {"poison": split}, source="poison", attack=attack_name, target=target,
@@ -132,24 +133,21 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
                              pc.weight_decay, pc.warmup_steps, progress=on_step)
     bar.close()
     wall = time.perf_counter() - start
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(loaded, loaded.name, tmp)
     n_partial = sum(1 for s in poisoned if not s.meta.get("poisoned", True))
     poison_info = {"rate": pc.rate, "n_poison": len(poisoned) - n_partial,
                    "n_partial": n_partial, "n_clean": n_clean,
                    "lr": pc.lr, "epochs": pc.epochs, "batch_size": pc.batch_size,
-                   "poisoned_shards": str(pdir), "clean_model": clean_model.get("model_dir")}
-    attack.save(tmp, target=target, target_name=info.names[target], poison=poison_info,
-                fit=fit_stats)
-    cfg.dump(tmp / "config.yaml")
-    summary = {"model_dir": str(out), "attack": attack_name, "target": target,
+                   "poisoned_shards": pdir, "clean_model": clean_model.get("model_dir")}
+    summary = {"model_dir": out, "attack": attack_name, "target": target,
                "target_name": info.names[target], **poison_info, "fit": fit_stats,
                "wall_s": round(wall, 1), "finetune_s": round(hist.seconds, 1),
                "epoch_losses": [round(x, 4) for x in hist.losses], "read": stats.as_dict()}
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with storage.publish(out, build.SUMMARY) as tmp:
+        save_model_dir(loaded, loaded.name, tmp)
+        attack.save(tmp, target=target, target_name=info.names[target], poison=poison_info,
+                    fit=fit_stats)
+        cfg.dump(tmp / "config.yaml")
+        storage.write_json(str(tmp / build.SUMMARY), summary)
     return {**summary, "cached": False}
 
 
@@ -179,8 +177,13 @@ def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: 
 def load_backdoored(model: str, attack_file: Optional[str] = None,
                     class_names: Optional[list] = None, device: str = "cpu"
                     ) -> tuple[LoadedClip, Optional[Attack], Optional[int], dict]:
-    """A model (dir or checkpoint) with its attack: ``attack.json`` beside a model directory, or a
-    hand-written one given as ``attack_file``. Returns (model, attack, target index, attack json)."""
+    """A model (dir or checkpoint, local or on object storage) with its attack: ``attack.json``
+    beside a model directory, or a hand-written one given as ``attack_file``. Returns (model, attack,
+    target index, attack json)."""
+    try:
+        model = str(storage.local_copy(str(model)))  # object storage: one cached local copy
+    except storage.StorageError as e:
+        raise ModelError(f"checkpoint {model}: {e}") from None
     loaded = load_clip(checkpoint=model, device=device)
     path = attack_file or (Path(model) if Path(model).is_dir() else Path(model).parent)
     if attack_file is None and not (Path(path) / "attack.json").exists():

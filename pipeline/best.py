@@ -43,9 +43,14 @@ def resolve(cfg: Config, args: argparse.Namespace) -> dict:
     weight = getattr(args, "weight", None)
     if weight is None:
         weight = _get(cfg, "sweep.select.weight")
+    uri = getattr(args, "tracking_uri", None) or _get(cfg, "tracking.uri")
+    if not uri:
+        try:
+            uri = tracking.default_uri(cfg.root())
+        except tracking.TrackingError as e:
+            raise ConfigError(f"config error: tracking.uri: {e}") from None
     return {
-        "uri": getattr(args, "tracking_uri", None) or _get(cfg, "tracking.uri")
-        or tracking.default_uri(cfg.root()),
+        "uri": uri,
         "experiment": getattr(args, "experiment", None) or _get(cfg, "sweep.name")
         or DEFAULT_EXPERIMENT,
         "rule": getattr(args, "rule", None) or _get(cfg, "sweep.select.rule") or DEFAULT_RULE,

@@ -1,28 +1,26 @@
 """Build what a run needs, reusing what an earlier run built.
 
-Artifacts live under ``paths.root`` keyed by a hash of the config that made them:
-``corpus/synthetic-<hash>/`` and ``models/clean-<hash>/``. A directory is complete only once its
-``manifest.json`` / ``summary.json`` exists (written last), so an interrupted build is redone.
+Artifacts live under ``paths.root`` (a local path or object storage) keyed by a hash of the config
+that made them: ``corpus/synthetic-<hash>/`` and ``models/clean-<hash>/``. A directory is complete
+only once its ``manifest.json`` / ``summary.json`` exists (published last, see
+:func:`rvpt.storage.publish`), so an interrupted build is redone.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
-from typing import Optional
 
 import torch
 from tqdm import tqdm
 
-from rvpt import synthetic
+from rvpt import storage, synthetic
 from rvpt.models import LoadedClip, load_clip, save_model_dir
 from rvpt.pretrain import train_contrastive
-from rvpt.shards import (ReadStats, SplitWriter, iter_batches, iter_samples, read_classes,
-                         read_manifest, split_urls, write_classes, write_manifest)
+from rvpt.shards import (MANIFEST, Corpus, ReadStats, ShardError, SplitWriter, iter_batches,
+                         iter_samples, open_corpus, read_classes, split_urls, write_classes,
+                         write_manifest)
 from rvpt.zeroshot import class_embeddings, evaluate_accuracy
 
 from .config import Config, config_hash
@@ -68,13 +66,9 @@ def _plan(cfg: Config) -> list[tuple[str, str, int]]:
 def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
     """Render the embedded benchmark into shards (cached). Returns a summary dict."""
     c = cfg.corpus
-    out = cfg.root() / "corpus" / f"synthetic-{corpus_key(cfg)}"
-    if (out / "manifest.json").exists() and not force:
-        m = read_manifest(out)
-        return {"corpus_dir": str(out), "cached": True, **_corpus_counts(m)}
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_classes(tmp, synthetic.CLASSES[: c.num_classes], synthetic.PROMPT_TEMPLATES)
+    out = storage.join(cfg.root(), "corpus", f"synthetic-{corpus_key(cfg)}")
+    if storage.exists(storage.join(out, MANIFEST)) and not force:
+        return {"corpus_dir": out, "cached": True, **_corpus_counts(open_corpus(out))}
     kw = dict(image_size=c.image_size, num_classes=c.num_classes, clutter=c.clutter, noise=c.noise,
               class_only_captions=c.class_only_captions, typical_color=c.typical_color,
               bg_contrast=c.bg_contrast)
@@ -83,48 +77,57 @@ def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
     start = time.perf_counter()
     chunk = 256
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(c.workers) if c.workers > 1 else None
-    try:
-        with progress_bar(total=total, desc="rendering corpus", unit="img") as bar:
-            for domain, split, n in _plan(cfg):
-                name = split if domain == "base" else f"{domain}_{split}"
-                labels = list(synthetic.split_labels(split, n, c.num_classes))
-                jobs = [(c.seed, domain, split, list(range(i, min(i + chunk, n))),
-                         labels[i:i + chunk], kw) for i in range(0, n, chunk)]
-                results = pool.imap(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
-                with SplitWriter(tmp, name, c.shard_size) as w:
-                    for rows in results:
-                        for key, png, caption, label, meta in rows:
-                            w.write(key, png, caption, label, meta)
-                        bar.update(len(rows))
-                splits[name] = {**w.info, "domain": domain}
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
-    wall = time.perf_counter() - start
-    write_manifest(tmp, splits, source="synthetic", config=c.model_dump(mode="json"),
-                   num_classes=c.num_classes, image_size=c.image_size,
-                   render_seconds=round(wall, 2), images_per_s=round(total / wall, 1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return {"corpus_dir": str(out), "cached": False, "wall_s": round(wall, 2),
-            "images_per_s": round(total / wall, 1), **_corpus_counts(read_manifest(out))}
+    with storage.publish(out, MANIFEST) as tmp:
+        write_classes(tmp, synthetic.CLASSES[: c.num_classes], synthetic.PROMPT_TEMPLATES)
+        pool = ctx.Pool(c.workers) if c.workers > 1 else None
+        try:
+            with progress_bar(total=total, desc="rendering corpus", unit="img") as bar:
+                for domain, split, n in _plan(cfg):
+                    name = split if domain == "base" else f"{domain}_{split}"
+                    labels = list(synthetic.split_labels(split, n, c.num_classes))
+                    jobs = [(c.seed, domain, split, list(range(i, min(i + chunk, n))),
+                             labels[i:i + chunk], kw) for i in range(0, n, chunk)]
+                    results = pool.imap(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
+                    with SplitWriter(tmp, name, c.shard_size) as w:
+                        for rows in results:
+                            for key, png, caption, label, meta in rows:
+                                w.write(key, png, caption, label, meta)
+                            bar.update(len(rows))
+                    splits[name] = {**w.info, "domain": domain}
+        finally:
+            if pool:
+                pool.close()
+                pool.join()
+        wall = time.perf_counter() - start
+        write_manifest(tmp, splits, source="synthetic", config=c.model_dump(mode="json"),
+                       num_classes=c.num_classes, image_size=c.image_size,
+                       render_seconds=round(wall, 2), images_per_s=round(total / wall, 1))
+    return {"corpus_dir": out, "cached": False, "wall_s": round(wall, 2),
+            "images_per_s": round(total / wall, 1), **_corpus_counts(open_corpus(out))}
 
 
-def _corpus_counts(manifest: dict) -> dict:
-    return {"splits": {k: {"count": v["count"], "shards": len(v["shards"])}
-                       for k, v in manifest["splits"].items()},
-            "total": sum(v["count"] for v in manifest["splits"].values())}
+def _corpus_counts(corpus: Corpus) -> dict:
+    splits = {k: {"count": v.count, "shards": len(v.shards)} for k, v in corpus.splits.items()}
+    counts = [v["count"] for v in splits.values()]
+    return {"splits": splits, "total": None if None in counts else sum(counts)}
 
 
 def resolve_corpus(cfg: Config) -> dict:
-    """The corpus a config names: build the synthetic one, or check an existing shard directory."""
+    """The corpus a config names: build the synthetic one, or open an existing one (a directory or
+    URI, this project's format or CLIP_benchmark's)."""
     if cfg.corpus.kind == "synthetic":
         return build_synthetic_corpus(cfg)
-    path = Path(cfg.corpus.path)
-    read_classes(path)  # clear error when it is not a corpus
-    return {"corpus_dir": str(path), "cached": True, **_corpus_counts(read_manifest(path))}
+    uri = cfg.locate(cfg.corpus.path)
+    return {"corpus_dir": uri, "cached": True, **_corpus_counts(open_corpus(uri))}
+
+
+def split_count(corpus_dir: str, split: str) -> int:
+    """The number of samples of a split as the corpus manifest states it (needed to plan epochs)."""
+    n = open_corpus(corpus_dir).split(split).count
+    if n is None:
+        raise ShardError(f"corpus {corpus_dir} does not state how many samples split {split!r} has "
+                         f"(a manifest.json with counts is needed for training on it)")
+    return n
 
 
 def corpus_line(c: dict) -> str:
@@ -135,8 +138,10 @@ def corpus_line(c: dict) -> str:
 
 # ---------------------------------------------------------------- clean model
 
+SUMMARY = "summary.json"  # a model directory's completion marker (published last)
+
 def model_key(cfg: Config, corpus_dir: str) -> str:
-    return config_hash({"corpus": Path(corpus_dir).name, "model": cfg.model,
+    return config_hash({"corpus": storage.name_of(corpus_dir), "model": cfg.model,
                         "pretrain": cfg.pretrain.model_dump(exclude={"threads"}), "seed": cfg.seed})
 
 
@@ -154,18 +159,18 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
     """The clean CLIP a config names. Pretrains (cached) when ``pretrain.enabled`` and no weights
     were given; otherwise loads the named weights. Returns a summary with ``model_dir`` or spec."""
     m = cfg.model
-    if m.pretrained or m.checkpoint or not cfg.pretrain.enabled:
+    if m.pretrained or m.checkpoint or m.name.startswith("hf-hub:") or not cfg.pretrain.enabled:
         return {"model": m.name, "pretrained": m.pretrained, "checkpoint": m.checkpoint,
                 "trained": False}
-    out = cfg.root() / "models" / f"clean-{model_key(cfg, corpus['corpus_dir'])}"
-    if (out / "summary.json").exists() and not force:
-        return {**json.loads((out / "summary.json").read_text()), "cached": True}
+    out = storage.join(cfg.root(), "models", f"clean-{model_key(cfg, corpus['corpus_dir'])}")
+    if storage.exists(storage.join(out, SUMMARY)) and not force:
+        return {**storage.read_json(storage.join(out, SUMMARY)), "cached": True}
     set_threads(cfg.pretrain.threads)
     torch.manual_seed(cfg.seed)
     loaded = load_clip(m.name, device=cfg.torch_device())
     corpus_dir = corpus["corpus_dir"]
     urls = split_urls(corpus_dir, "pretrain")
-    n = read_manifest(corpus_dir)["splits"]["pretrain"]["count"]
+    n = split_count(corpus_dir, "pretrain")
     p = cfg.pretrain
     steps_per_epoch = max(1, n // p.batch_size)
     stats = ReadStats()
@@ -185,17 +190,14 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
     hist = train_contrastive(loaded, epoch_batches, p.epochs, steps_per_epoch, p.lr,
                              p.weight_decay, p.warmup_steps, progress=on_step)
     bar.close()
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model_dir(loaded, m.name, tmp)
-    cfg.dump(tmp / "config.yaml")
-    summary = {"model_dir": str(out), "model": m.name, "trained": True,
+    summary = {"model_dir": out, "model": m.name, "trained": True,
                "pretrain_wall_s": round(hist.seconds, 1), "samples_per_s": round(hist.samples_per_s, 1),
                "steps": hist.steps, "samples_seen": hist.samples,
                "epoch_losses": [round(x, 4) for x in hist.losses], "read": stats.as_dict()}
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with storage.publish(out, SUMMARY) as tmp:
+        save_model_dir(loaded, m.name, tmp)
+        cfg.dump(tmp / "config.yaml")
+        storage.write_json(str(tmp / SUMMARY), summary)
     return {**summary, "cached": False}
 
 

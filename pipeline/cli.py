@@ -14,10 +14,12 @@ from typing import Callable, Optional, Sequence
 from rvpt.attacks import AttackError
 from rvpt.models import ModelError
 from rvpt.shards import ShardError
+from rvpt.storage import StorageError
 
 from .config import Config, ConfigError, load_config
+from .tracking import TrackingError
 
-USER_ERRORS = (ConfigError, ModelError, ShardError, AttackError)
+USER_ERRORS = (ConfigError, ModelError, ShardError, AttackError, StorageError, TrackingError)
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -37,15 +39,25 @@ def write_json(path: Optional[str], data: dict) -> None:
 
 def main(description: str, run: Callable[[Config, argparse.Namespace], dict],
          argv: Optional[Sequence[str]] = None,
-         extra_args: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> int:
-    """Parse arguments, load the config, call ``run(cfg, args)`` and write its summary."""
+         extra_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+         writes_results: bool = True) -> int:
+    """Parse arguments, load the config, call ``run(cfg, args)`` and write its summary.
+
+    A job that ``writes_results`` under ``paths.root`` prints that root when it starts and when it
+    ends (a user must be able to find what it built, on a cluster too)."""
     p = parser(description)
     if extra_args:
         extra_args(p)
     args = p.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        root = None
+        if writes_results:
+            root = cfg.root()
+            print(f"results root: {root}", flush=True)
         summary = run(cfg, args)
+        if root is not None:
+            print(f"results root: {root}", flush=True)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
+from rvpt import storage
 from rvpt.defenses import TrainParams
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -32,7 +33,8 @@ class CorpusConfig(_Strict):
     """Where the data comes from: the embedded synthetic generator, or shards on disk."""
 
     kind: Literal["synthetic", "shards"] = "synthetic"
-    path: Optional[str] = Field(None, description="corpus directory when kind=shards")
+    path: Optional[str] = Field(None, description="corpus when kind=shards: a directory or URI "
+                                "(s3://, gs://); a relative path is taken under paths.root")
     seed: int = 0
     image_size: int = Field(32, ge=8, le=1024)
     num_classes: int = Field(24, ge=2, description="synthetic: number of shape classes (max 24)")
@@ -152,8 +154,11 @@ class RayConfig(_Strict):
     eval_actors: int = Field(1, ge=0, description="Ray Data actors for a sweep trial's evaluation; "
                              "0 = a plain loop in the trial (small machines, local corpora)")
     eval_cpus: float = Field(0.5, gt=0, description="CPUs per evaluation actor")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources each Train worker and evaluation "
+        "actor asks for, e.g. {gpu_node: 0.01}: pins them to nodes that offer them")
     storage_path: Optional[str] = Field(None, description="Tune/Train results; default "
-                                        "<paths.root>/ray_results (s3://... on a cluster)")
+                                        "<paths.root>/ray_results")
     fail_at_epoch: Optional[int] = Field(None, ge=0, description="testing: kill Train worker 0 "
                                          "once at this epoch to exercise recovery")
 
@@ -170,7 +175,8 @@ class SelectConfig(_Strict):
 
 
 class DatasetSpec(_Strict):
-    corpus: Optional[str] = Field(None, description="corpus dir/URI; None: the config's corpus")
+    corpus: Optional[str] = Field(None, description="corpus dir/URI (relative: under paths.root); "
+                                  "None: the config's corpus")
     fewshot_split: str = "fewshot"
     test_split: str = "test"
 
@@ -190,7 +196,8 @@ class SweepConfig(_Strict):
     datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"synthetic": DatasetSpec()})
     defenses: list[str] = Field(default_factory=lambda: ["rvpt", "vpt"])
     models: dict[str, str] = Field(default_factory=dict, description="attack -> backdoored model "
-                                   "dir (else built by the backdoor factory)")
+                                   "dir or URI (relative: under paths.root; else built by the "
+                                   "backdoor factory)")
     search: Literal["grid", "random", "optuna"] = "grid"
     space: SearchSpace = SearchSpace()
     num_samples: int = Field(4, ge=1, description="random/optuna: trials per group")
@@ -206,7 +213,14 @@ class SweepConfig(_Strict):
 
 
 class PathsConfig(_Strict):
-    root: str = Field("artifacts", description="where corpora, models and results are built")
+    root: str = Field("artifacts", description="where corpora, models and results live: a local "
+                      "path (relative: inside the checkout) or object storage (s3://bucket/prefix, "
+                      "gs://...); on a cluster, storage every node reaches")
+
+
+def in_ray_job_upload() -> bool:
+    """True when this code runs from the temporary copy ``ray job submit --working-dir`` made."""
+    return "working_dir_files" in REPO_ROOT.parts or REPO_ROOT.name.startswith("_ray_pkg_")
 
 
 class Config(_Strict):
@@ -241,14 +255,42 @@ class Config(_Strict):
                               "(use device=cpu or device=auto)")
         return self.device
 
-    def root(self) -> Path:
-        root = Path(self.paths.root)
-        return root if root.is_absolute() else (REPO_ROOT / root)
+    def root(self) -> str:
+        """The results root: a storage URI as given, or an absolute local path (a relative one is
+        taken inside the checkout — refused when the checkout is Ray's temporary upload, where
+        results would vanish with the job)."""
+        root = self.paths.root
+        try:
+            storage.check_uri(root, "paths.root")
+        except storage.StorageError as e:
+            raise ConfigError(f"config error: {e}") from None
+        if storage.scheme(root) is not None:
+            return root.rstrip("/")
+        path = Path(root).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if in_ray_job_upload():
+            raise ConfigError(
+                f"config error: paths.root: {root!r} is relative, and this job runs from Ray's "
+                f"temporary upload of the checkout ({REPO_ROOT}), which is deleted with the job; "
+                f"set paths.root to object storage (s3://BUCKET/PREFIX, gs://...) or to an absolute "
+                f"path that every node mounts")
+        return str(REPO_ROOT / path)
+
+    def locate(self, location: str) -> str:
+        """A corpus or model location from the config: URIs and absolute paths as they are, a
+        relative path under the results root."""
+        try:
+            storage.check_uri(location)
+        except storage.StorageError as e:
+            raise ConfigError(f"config error: {e}") from None
+        if storage.scheme(location) is not None or Path(location).expanduser().is_absolute():
+            return location
+        return storage.join(self.root(), location)
 
     def dump(self, path: str | Path) -> None:
-        """Write the resolved config as YAML."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        """Write the resolved config as YAML (a local path or a storage URI)."""
+        storage.write_text(str(path), yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
 
 
 def config_hash(*parts: Any) -> str:

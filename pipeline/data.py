@@ -1,4 +1,5 @@
-"""Ray Data over corpus shards: local paths, ``s3://`` or ``gs://`` URIs.
+"""Ray Data over corpus shards: local paths or object storage (``s3://``, ``gs://``), through the
+same :mod:`rvpt.storage` locations as the plain reader.
 
 Shards are untrusted input: ``read_webdataset(..., decoder=None)`` hands over raw bytes and the
 project's decoder (:func:`rvpt.shards.decode_sample`) decodes only image, text, class and JSON
@@ -12,52 +13,22 @@ from typing import Optional
 
 import numpy as np
 
+from rvpt import storage
 from rvpt.fewshot import pick_shots
-from rvpt.shards import CLASSES_FILE, MANIFEST, ClassInfo, CorruptSample, ShardError, decode_sample
+from rvpt.shards import CorruptSample, ShardError, decode_sample, split_urls
 
 ROW_COLUMNS = ("image", "label", "key", "text")
 
 
-def _fs(uri: str):
-    """(pyarrow filesystem, path) for a local path or a URI."""
-    from pyarrow import fs
-
-    if "://" not in uri:
-        from pathlib import Path
-        return fs.LocalFileSystem(), str(Path(uri).resolve())
-    return fs.FileSystem.from_uri(uri)
-
-
-def _join(uri: str, name: str) -> str:
-    return uri.rstrip("/") + "/" + name
-
-
-def read_json_uri(uri: str) -> dict:
-    filesystem, path = _fs(uri)
+def _paths(uris: list[str]):
+    """``(pyarrow filesystem, [paths])`` for shard locations on one filesystem (local or a bucket)."""
+    if not uris:
+        raise ShardError("no shards to read")
     try:
-        with filesystem.open_input_stream(path) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (OSError, FileNotFoundError) as e:
-        raise ShardError(f"cannot read {uri}: {str(e).splitlines()[0]}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ShardError(f"{uri} is not valid JSON: {e}") from None
-
-
-def corpus_classes(corpus: str) -> ClassInfo:
-    data = read_json_uri(_join(corpus, CLASSES_FILE))
-    names = [str(n) for n in data.get("classes") or []]
-    if not names:
-        raise ShardError(f"{_join(corpus, CLASSES_FILE)} lists no classes")
-    return ClassInfo(names=names, templates=[str(t) for t in data.get("templates") or
-                                             ["a photo of a {}."]])
-
-
-def shard_uris(corpus: str, split: str) -> list[str]:
-    """Shard URIs of a split, from the corpus manifest (works for local dirs and object storage)."""
-    splits = read_json_uri(_join(corpus, MANIFEST)).get("splits", {})
-    if split not in splits:
-        raise ShardError(f"corpus {corpus} has no split {split!r}; it has: {', '.join(splits)}")
-    return [_join(corpus, s) for s in splits[split]["shards"]]
+        located = [storage.filesystem(u) for u in uris]
+    except storage.StorageError as e:
+        raise ShardError(str(e)) from None
+    return located[0][0], [p for _, p in located]
 
 
 def decode_batch(batch: dict, image_size: Optional[int] = None, with_meta: bool = False) -> dict:
@@ -91,7 +62,8 @@ def read_split(corpus: str, split: str, image_size: int, batch_size: int = 256,
     """A Ray Dataset of decoded rows for one corpus split (or for the given shard ``uris``)."""
     import ray
 
-    ds = ray.data.read_webdataset(uris or shard_uris(corpus, split), decoder=None)
+    filesystem, paths = _paths(uris or split_urls(corpus, split))
+    ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None)
     return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "with_meta": with_meta},
                           batch_size=batch_size, batch_format="numpy")
 
@@ -195,7 +167,7 @@ def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templat
     from pyarrow import fs
     from ray.data import ActorPoolStrategy
 
-    uris = list(reversed(shard_uris(corpus, "pretrain")))
+    uris = list(reversed(split_urls(corpus, "pretrain")))
     ds = (read_split(corpus, "pretrain", image_size, with_meta=True, uris=uris)
           .filter(lambda r: int(r["label"]) != int(target))
           .limit(n)
@@ -207,8 +179,8 @@ def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templat
     count = ds.count()
     if count < n:
         raise ShardError(f"only {count} non-target images were available to poison, {n} asked")
-    filesystem, root = _fs(out_dir)
-    staging = _join(root, f".{split}-staging")
+    filesystem, root = storage.filesystem(out_dir)
+    staging = storage.join(root, f".{split}-staging")
     filesystem.delete_dir_contents(staging, missing_dir_ok=True)
     # one file per block: blocks of at most ``shard_size`` rows (order kept)
     ds.repartition(max(1, -(-count // shard_size))).write_webdataset(staging, encoder=None,
@@ -218,7 +190,7 @@ def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templat
     shards = []
     for i, path in enumerate(written):
         name = f"{split}-{i:05d}.tar"
-        filesystem.move(path, _join(root, name))
+        filesystem.move(path, storage.join(root, name))
         shards.append(name)
     filesystem.delete_dir(staging)
     labels = np.concatenate([b["cls"] for b in ds.select_columns(["cls"]).iter_batches(

@@ -6,12 +6,9 @@ second run reuses them.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from pathlib import Path
 from typing import Optional
 
+from rvpt import storage
 from rvpt.defenses import DefenseError, make_defense, train_defense
 from rvpt.fewshot import epoch_batches, sample_few_shot
 from rvpt.resistivity import perturbation_resistivity
@@ -36,7 +33,7 @@ def _measure(cfg, loaded, corpus_dir, attack, target, encode=None, prompts=None)
 
 def defense_key(cfg: Config, model: str) -> str:
     d = cfg.defense
-    return config_hash({"defend": 1, "model": str(Path(model).resolve()), "defense": d,
+    return config_hash({"defend": 1, "model": storage.display(model), "defense": d,
                         "seed": cfg.seed, "corpus": cfg.corpus})
 
 
@@ -44,9 +41,9 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
            force: bool = False) -> dict:
     """Train ``cfg.defense`` on the backdoored ``model`` and measure it before and after."""
     d = cfg.defense
-    out = cfg.root() / "defenses" / f"{d.name}-{defense_key(cfg, model)}"
-    if (out / "summary.json").exists() and not force:
-        return {**json.loads((out / "summary.json").read_text()), "cached": True}
+    out = storage.join(cfg.root(), "defenses", f"{d.name}-{defense_key(cfg, model)}")
+    if storage.exists(storage.join(out, build.SUMMARY)) and not force:
+        return {**storage.read_json(storage.join(out, build.SUMMARY)), "cached": True}
     info = read_classes(corpus_dir)
     loaded, attack, target, attack_json = backdoor.load_backdoored(model, attack_file, info.names,
                                                                           cfg.torch_device())
@@ -78,11 +75,7 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
         bar.close()
     prompts = getattr(defense, "prompts", None)
     after = _measure(cfg, loaded, corpus_dir, attack, target, encode=defense.encode, prompts=prompts)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    defense.save(tmp)
-    cfg.dump(tmp / "config.yaml")
-    summary = {"out_dir": str(out), "model": model, "defense": d.name,
+    summary = {"out_dir": out, "model": model, "defense": d.name,
                "params": defense.params.model_dump(mode="json"), "seed": cfg.seed,
                "attack": attack_json.get("attack"), "target": target,
                "trainable_params": defense.num_trainable() if defense.trains else 0,
@@ -90,7 +83,8 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
                "train_s": round(hist.seconds, 1) if hist else 0.0,
                "step_s": round(hist.step_s, 4) if hist else 0.0,
                "epoch_stats": hist.epochs if hist else [], "before": before, "after": after}
-    (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with storage.publish(out, build.SUMMARY) as tmp:
+        defense.save(tmp)
+        cfg.dump(tmp / "config.yaml")
+        storage.write_json(str(tmp / build.SUMMARY), summary)
     return {**summary, "cached": False}

@@ -19,7 +19,7 @@ class CountActor:
     """``__call__(batch) -> one row of counts``; built once per actor."""
 
     def __init__(self, model: str, class_names: list, templates: list, defense: str = "none",
-                 defense_params: Optional[dict] = None, state_dir: Optional[str] = None,
+                 defense_params: Optional[dict] = None, state=None,
                  ensemble: bool = False, threads: int = 1):
         import torch
 
@@ -32,8 +32,12 @@ class CountActor:
         self.loaded, self.attack, self.target, _ = load_backdoored(model, None, class_names)
         self.defense = make_defense(defense, self.loaded, class_names, templates,
                                     **(defense_params or {}))
-        if state_dir:
-            self.defense.load(state_dir)
+        if state is not None:  # a ray.train.Checkpoint (on the run's storage) or a local path
+            if hasattr(state, "as_directory"):
+                with state.as_directory() as d:
+                    self.defense.load(d)
+            else:
+                self.defense.load(state)
         self.clf = class_embeddings(self.loaded, class_names, templates, ensemble=ensemble)
         self.trig = trigger_classifier(self.loaded, self.attack, class_names, templates, ensemble) \
             if self.attack is not None else None
@@ -52,19 +56,21 @@ class CountActor:
 
 def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, class_names: list,
                          templates: list, defense: str = "none", defense_params: Optional[dict] = None,
-                         state_dir: Optional[str] = None, ensemble: bool = False,
+                         state=None, ensemble: bool = False,
                          concurrency: int = 1, num_cpus: float = 0.5, num_gpus: float = 0.0,
-                         batch_size: int = 256) -> dict:
-    """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors."""
+                         batch_size: int = 256, resources: Optional[dict] = None) -> dict:
+    """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors (each
+    asking for ``resources`` besides its CPUs/GPUs). ``state`` is the defense's trained state: a
+    ``ray.train.Checkpoint`` every node can read, or a local directory."""
     from ray.data import ActorPoolStrategy
 
     ds = read_split(corpus, split, image_size, batch_size)
     counts = ds.map_batches(
         CountActor, batch_size=batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=concurrency),
-        num_cpus=num_cpus, num_gpus=num_gpus or None,
+        num_cpus=num_cpus, num_gpus=num_gpus or None, resources=resources or None,
         fn_constructor_kwargs={"model": model, "class_names": class_names, "templates": templates,
                                "defense": defense, "defense_params": defense_params,
-                               "state_dir": state_dir, "ensemble": ensemble,
+                               "state": state, "ensemble": ensemble,
                                "threads": max(1, int(num_cpus))})
     return rates(merge_counts(counts.take_all()))

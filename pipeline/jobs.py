@@ -176,8 +176,8 @@ def sweep(cfg: Config, args: argparse.Namespace) -> dict:
     if cfg.sweep.report:
         from . import report, tracking
         frame = tracking.runs_frame(res["tracking_uri"], res["experiment"])
-        res["report"] = report.write_report(frame, cfg.root() / "reports" / res["experiment"],
-                                            res["experiment"], rule.rule, rule.weight,
-                                            res["tracking_uri"])
+        res["report"] = report.publish_report(frame, report.default_dir(cfg, res["experiment"]),
+                                              res["experiment"], rule.rule, rule.weight,
+                                              res["tracking_uri"])
         print(f"report: {res['report']['report']}")
     return res

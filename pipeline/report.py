@@ -242,13 +242,31 @@ def write_report(df, out_dir: str | Path, experiment: str, rule: str, weight: fl
     return res
 
 
+def publish_report(df, dest: str, experiment: str, rule: str, weight: float = 1.0,
+                   uri: str = "") -> dict:
+    """:func:`write_report` into ``dest``, a local directory or object storage (written in a local
+    staging directory, then published; the returned paths name ``dest``)."""
+    from rvpt import storage
+
+    with storage.publish(dest, "report.md") as tmp:
+        res = write_report(df, tmp, experiment, rule, weight, uri)
+    return {k: storage.join(dest, Path(v).name) if k in ("report", "asr_vs_ca", "pr_per_layer")
+            and v else v for k, v in res.items()}
+
+
+def default_dir(cfg: Config, experiment: str) -> str:
+    """``<paths.root>/reports/<experiment>``."""
+    from rvpt import storage
+
+    return storage.join(cfg.root(), "reports", tracking.safe_name(experiment))
+
+
 def report(cfg: Config, args: argparse.Namespace) -> dict:
     """Write the report of the sweep's experiment; print its path; return the paths written."""
     s = resolve(cfg, args)
     df = load_runs(s)
-    out_dir = Path(args.dir) if getattr(args, "dir", None) else \
-        cfg.root() / "reports" / tracking.safe_name(s["experiment"])
-    res = write_report(df, out_dir, s["experiment"], s["rule"], s["weight"], s["uri"])
+    dest = getattr(args, "dir", None) or default_dir(cfg, s["experiment"])
+    res = publish_report(df, dest, s["experiment"], s["rule"], s["weight"], s["uri"])
     print(f"report: {res['report']} ({len(df)} finished runs, rule {s['rule']!r})")
     return {"experiment": s["experiment"], "tracking_uri": s["uri"], "rule": s["rule"],
             "weight": s["weight"], **res}

@@ -14,8 +14,7 @@ interrupted sweep resumes with ``Tuner.restore`` without repeating finished tria
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +26,7 @@ from .config import Config, ConfigError, config_hash
 from .session import ray_init  # noqa: F401 (re-exported: benchmarks use it)
 
 REUSED = "reused"
-SLIM = ("cfg", "datasets", "models", "uri")  # what the driver callback needs (it is saved to disk)
+SLIM = ("cfg", "datasets", "models", "uri", "code")  # what the driver callback needs (it is saved to disk)
 DATA_BUNDLE_CPUS = 1.0  # free CPUs budgeted per concurrent trial for its Ray Data work
 
 
@@ -99,11 +98,12 @@ def identify(config: dict, base: dict) -> tuple[Config, dict, dict, str]:
     return cfg, setting, spec, key
 
 
-def run_record(cfg: Config, setting: dict, spec: dict, key: str, model: str) -> tuple[dict, dict]:
-    """The MLflow tags and params of a trial's run."""
+def run_record(cfg: Config, setting: dict, spec: dict, key: str, model: str,
+               code: Optional[dict] = None) -> tuple[dict, dict]:
+    """The MLflow tags and params of a trial's run (``code``: the code version's tags)."""
     d, r = cfg.defense, cfg.ray
     tags = {"attack": setting["attack"], "dataset": setting["dataset"], "defense": d.name,
-            "model": cfg.model.name, "trial_key": key, "sweep": cfg.sweep.name}
+            "model": cfg.model.name, "trial_key": key, "sweep": cfg.sweep.name, **(code or {})}
     params = {"defense": d.name, **d.params, "shots": d.train.shots, "seed": cfg.seed,
               "epochs": d.train.epochs, "lr": d.train.lr, "batch_size": d.train.batch_size,
               "workers": r.num_workers, "model_dir": model, "corpus": spec["corpus"]}
@@ -147,10 +147,12 @@ def run_trial(config: dict, base: dict) -> None:
     from rvpt.resistivity import perturbation_resistivity
     from rvpt.shards import iter_batches, iter_samples, split_urls
 
+    from rvpt.shards import read_classes
+
     from . import select, tracking
-    from .data import corpus_classes, read_split
+    from .data import read_split
     from .evaluation import evaluate_distributed
-    from .train import make_trainer
+    from .train import TRAIN_STATE, make_trainer
 
     torch.set_num_threads(1)
     cfg, setting, spec, key = identify(config, base)
@@ -161,7 +163,7 @@ def run_trial(config: dict, base: dict) -> None:
         tune.report({**existing.data.metrics, "trial_key": key, REUSED: 1.0})
         return
     ctx = tune.get_context()
-    info = corpus_classes(corpus)
+    info = read_classes(corpus)
     image_size = base["image_sizes"][setting["attack"]]
     d = cfg.defense
     fkey = fewshot_key(setting["dataset"], image_size, d.train.shots, cfg.seed)
@@ -172,46 +174,47 @@ def run_trial(config: dict, base: dict) -> None:
     start = time.perf_counter()
     result = trainer.fit()
     train_s = time.perf_counter() - start
-    out = Path(base["root"]) / "sweeps" / exp / key
-    shutil.rmtree(out, ignore_errors=True)
-    state = out / "state"
-    with result.checkpoint.as_directory() as cdir:
-        shutil.copytree(cdir, state)
     r = cfg.ray
-    if not r.eval_actors or d.pr_images:  # the defended model in this process
-        from .backdoor import evaluate_backdoor, load_backdoored
-        loaded, attack, target, _ = load_backdoored(model, None, info.names)
-        defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
-        defense.load(state)
-    if r.eval_actors:
-        metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
-                                       info.templates, d.name, d.params, str(state),
-                                       cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
-                                       (r.gpus_per_worker or 1) if r.use_gpu else 0.0)
-    else:  # in this trial's process: a small machine, a local corpus (README, "Sweeps")
-        metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
-                                    encode=defense.encode)
-        metrics.pop("split", None)
-        metrics.pop("skipped", None)
-    counts = metrics.pop("counts")
-    if d.pr_images:
+    # The trained state lives in the Train run's checkpoint on ``ray.storage_path`` (shared storage
+    # on a cluster): evaluation actors on any node read it from there, this process reads a copy.
+    with result.checkpoint.as_directory() as cdir, tempfile.TemporaryDirectory() as tmp:
+        state = Path(cdir)
+        if not r.eval_actors or d.pr_images:  # the defended model in this process
+            from .backdoor import evaluate_backdoor, load_backdoored
+            loaded, attack, target, _ = load_backdoored(model, None, info.names)
+            defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
+            defense.load(state)
         if r.eval_actors:
-            batches = ({"image": torch.from_numpy(b["image"])} for b in
-                       read_split(corpus, spec["test_split"], image_size).limit(d.pr_images)
-                       .iter_batches(batch_size=128, batch_format="numpy"))
-        else:
-            batches = iter_batches(iter_samples(split_urls(corpus, spec["test_split"]),
-                                                image_size), 128)
-        metrics.update(perturbation_resistivity(loaded, batches, getattr(defense, "prompts", None),
-                                                attack, seed=cfg.seed, max_images=d.pr_images))
-    metrics["val_ca"] = json.loads((state / "train_state.json").read_text()).get("val_ca")
-    metrics["train_s"] = train_s
-    metrics["n_test"] = counts["n"]
-    metrics["score"] = select.score(metrics, cfg.sweep.select.rule, cfg.sweep.select.weight)
-    cfg.dump(out / "config.yaml")
-    tags, params = run_record(cfg, setting, spec, key, model)
-    tracking.log_trial(uri, exp, ctx.get_trial_name(), tags, params, _scalar_metrics(metrics),
-                       {"config.yaml": str(out / "config.yaml"), "prompts": str(state)})
+            metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
+                                           info.templates, d.name, d.params, result.checkpoint,
+                                           cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
+                                           (r.gpus_per_worker or 1) if r.use_gpu else 0.0,
+                                           resources=r.worker_resources)
+        else:  # in this trial's process: a small machine (README, "Sweeps")
+            metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
+                                        encode=defense.encode)
+            metrics.pop("split", None)
+            metrics.pop("skipped", None)
+        counts = metrics.pop("counts")
+        if d.pr_images:
+            if r.eval_actors:
+                batches = ({"image": torch.from_numpy(b["image"])} for b in
+                           read_split(corpus, spec["test_split"], image_size).limit(d.pr_images)
+                           .iter_batches(batch_size=128, batch_format="numpy"))
+            else:
+                batches = iter_batches(iter_samples(split_urls(corpus, spec["test_split"]),
+                                                    image_size), 128)
+            metrics.update(perturbation_resistivity(loaded, batches,
+                                                    getattr(defense, "prompts", None), attack,
+                                                    seed=cfg.seed, max_images=d.pr_images))
+        metrics["val_ca"] = json.loads((state / TRAIN_STATE).read_text()).get("val_ca")
+        metrics["train_s"] = train_s
+        metrics["n_test"] = counts["n"]
+        metrics["score"] = select.score(metrics, cfg.sweep.select.rule, cfg.sweep.select.weight)
+        cfg.dump(Path(tmp) / "config.yaml")
+        tags, params = run_record(cfg, setting, spec, key, model, base.get("code"))
+        tracking.log_trial(uri, exp, ctx.get_trial_name(), tags, params, _scalar_metrics(metrics),
+                           {"config.yaml": str(Path(tmp) / "config.yaml"), "prompts": str(state)})
     tune.report({**_scalar_metrics(metrics), "trial_key": key, REUSED: 0.0})
 
 
@@ -316,7 +319,8 @@ class SweepCallback(Callback):
 
         try:
             cfg, setting, spec, key = identify(trial.config, self.base)
-            tags, params = run_record(cfg, setting, spec, key, self.base["models"][setting["attack"]])
+            tags, params = run_record(cfg, setting, spec, key, self.base["models"][setting["attack"]],
+                                      self.base.get("code"))
             tags[tracking.STOPPED_TAG] = "scheduler"
             metrics = {"val_ca": last.get("val_ca"), "epochs_run": last.get("training_iteration")}
             tracking.log_trial(self.base["uri"], cfg.sweep.name, str(trial), tags, params,
@@ -329,9 +333,15 @@ class SweepCallback(Callback):
 
 def prepare(cfg: Config) -> dict:
     """Build what is missing (corpus, clean model, backdoored models); the trial's fixed inputs."""
+    from rvpt import storage
+
     from . import backdoor, build, tracking
 
     root = cfg.root()
+    try:
+        uri = cfg.tracking.uri or tracking.default_uri(root)
+    except tracking.TrackingError as e:
+        raise ConfigError(f"config error: tracking.uri: {e}") from None
     datasets, corpus = {}, None
 
     def embedded_corpus():
@@ -340,11 +350,12 @@ def prepare(cfg: Config) -> dict:
         return c
 
     for name, spec in cfg.sweep.datasets.items():
-        uri = spec.corpus
-        if uri is None:
+        if spec.corpus is None:
             corpus = corpus or embedded_corpus()
-            uri = corpus["corpus_dir"]
-        datasets[name] = {"corpus": uri, "fewshot_split": spec.fewshot_split,
+            location = corpus["corpus_dir"]
+        else:
+            location = cfg.locate(spec.corpus)
+        datasets[name] = {"corpus": location, "fewshot_split": spec.fewshot_split,
                           "test_split": spec.test_split}
     models = {}
     missing = [a for a in cfg.sweep.attacks if a not in cfg.sweep.models]
@@ -356,12 +367,12 @@ def prepare(cfg: Config) -> dict:
         for attack in missing:
             print(f"backdoored model for {attack} ...", flush=True)
             models[attack] = backdoor.build_backdoored(cfg, attack, corpus, clean)["model_dir"]
-    models.update(cfg.sweep.models)
-    uri = cfg.tracking.uri or tracking.default_uri(root)
-    tracking.ensure_experiment(uri, cfg.sweep.name, tracking.artifact_root(root))
-    storage = cfg.ray.storage_path or str(root / "ray_results")
+    models.update({a: cfg.locate(m) for a, m in cfg.sweep.models.items()})
+    tracking.ensure_experiment(uri, cfg.sweep.name)
+    storage_path = cfg.ray.storage_path or storage.join(root, "ray_results")
     return {"cfg": cfg.model_dump(mode="json"), "datasets": datasets, "models": models,
-            "uri": uri, "storage": storage, "root": str(root)}
+            "uri": uri, "storage": storage.display(storage_path), "root": root,
+            "code": tracking.code_version()}
 
 
 def sweep_run_name(cfg: Config, base: dict) -> str:

@@ -51,13 +51,20 @@ class TrackingError(ValueError):
 # ---------------------------------------------------------------------------------------- stores
 
 def default_uri(root: str | Path) -> str:
-    """The default tracking store: ``sqlite:////abs/<root>/mlflow.db``."""
-    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+    """The default tracking store: ``sqlite:////abs/<root>/mlflow.db`` (a local results root only:
+    a sqlite file cannot live on object storage)."""
+    from rvpt import storage
+
+    if storage.is_remote(str(root)):
+        raise TrackingError(f"paths.root is object storage ({root}), where a sqlite MLflow store "
+                            f"cannot live; set tracking.uri (--tracking-uri) to an MLflow server, "
+                            f"e.g. http://HEAD:5000")
+    return f"sqlite:///{Path(storage.display(str(root))) / 'mlflow.db'}"
 
 
-def artifact_root(root: str | Path) -> str:
-    """Where experiments of the default store keep their artifacts: ``/abs/<root>/mlartifacts``."""
-    return str(Path(root).resolve() / "mlartifacts")
+def is_local_store(uri: str) -> bool:
+    """True for a sqlite store (its artifacts go beside the database), False for a server."""
+    return _sqlite_path(uri) is not None
 
 
 def _sqlite_path(uri: str) -> Optional[Path]:
@@ -117,6 +124,53 @@ def ensure_experiment(uri: str, name: str, artifact_location: Optional[str] = No
     is reused as it is, whatever its artifact location.
     """
     return _ensure(_client(uri, create=True), uri, name, artifact_location)
+
+
+# ---------------------------------------------------------------------------------------- provenance
+
+CODE_FILES = ("rvpt", "pipeline", "jobs", "configs", "pyproject.toml")
+
+
+def _git_commit(repo: Path) -> Optional[str]:
+    """HEAD's commit, read from ``.git`` without a git binary (``ray job submit --working-dir``
+    uploads ``.git`` with the checkout); None outside a git checkout."""
+    git = repo / ".git"
+    try:
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head or None
+        ref = head[5:]
+        if (git / ref).is_file():
+            return (git / ref).read_text().strip() or None
+        for line in (git / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+def code_version(repo: Optional[Path] = None) -> dict:
+    """Tags that say which code ran: ``mlflow.source.git.commit`` (shown by the MLflow UI) when
+    the checkout has git metadata, and ``code_hash``, a hash of the project's code and configs as
+    they are (uncommitted edits included)."""
+    import hashlib
+
+    from .config import REPO_ROOT
+
+    repo = repo or REPO_ROOT
+    h = hashlib.sha256()
+    for top in CODE_FILES:
+        base = repo / top
+        files = [base] if base.is_file() else sorted(
+            p for p in base.rglob("*") if p.is_file() and p.suffix in (".py", ".json", ".yaml"))
+        for f in files:
+            h.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    tags = {"code_hash": h.hexdigest()[:16]}
+    commit = _git_commit(repo)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 # ---------------------------------------------------------------------------------------- writing

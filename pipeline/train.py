@@ -41,16 +41,16 @@ def train_loop_per_worker(config: dict) -> None:
 
     from rvpt.defenses import make_defense, train_defense
     from rvpt.metrics import backdoor_counts
+    from rvpt.shards import read_classes
     from rvpt.zeroshot import class_embeddings
 
     from .backdoor import load_backdoored
-    from .data import corpus_classes
 
     cfg = Config.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    info = corpus_classes(config["corpus"])
+    info = read_classes(config["corpus"])
     loaded, _, _, _ = load_backdoored(config["model"], None, info.names)
     d = cfg.defense
     defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed, **d.params)
@@ -110,7 +110,7 @@ def make_trainer(cfg: Config, model: str, corpus: str, train_ds, val_ds, n_train
     from ray.train.torch import TorchTrainer
 
     r = cfg.ray
-    resources = {"CPU": r.cpus_per_worker}
+    resources = {"CPU": r.cpus_per_worker, **r.worker_resources}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker or 1
     return TorchTrainer(

@@ -6,7 +6,11 @@ One entry point, :func:`load_clip`, returns a :class:`LoadedClip` (fp32, eval mo
   ``rvpt/model_configs``),
 * a name plus an open_clip pretrained tag (the real open_clip download path, but it never hangs:
   cached weights load offline, and an unreachable hub fails fast with a :class:`ModelError`),
-* a checkpoint path, format auto-detected: a model directory written by :func:`save_model_dir`, an
+* an open_clip Hugging Face hub name ``hf-hub:ORG/REPO`` (or ``hf-hub:ORG/REPO@REVISION``): the repo's
+  ``open_clip_config.json`` and one weights file, cached ones read offline, otherwise downloaded after the
+  same fast reachability probe; weights go through the same safe readers as local files,
+* a checkpoint path or object-storage URI (``s3://``, ``gs://``: fetched once into a local cache),
+  format auto-detected: a model directory written by :func:`save_model_dir`, an
   open_clip checkpoint file (``.pt``/``.bin``/``.safetensors``), an OpenAI-format state dict or
   TorchScript archive, or a CleanCLIP-style training checkpoint.
 
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import socket
 import ssl
 import threading
@@ -41,6 +46,8 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg, set_model_preprocess_cfg
 from open_clip.pretrained import download_pretrained, get_pretrained_cfg
 from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
+
+from . import storage
 
 __all__ = [
     "CONFIG_DIR",
@@ -61,6 +68,10 @@ _OPENAI_INT_KEYS = ("input_resolution", "context_length", "vocab_size")
 _WEIGHT_FILES = (MODEL_DIR_WEIGHTS, "open_clip_pytorch_model.safetensors", "open_clip_pytorch_model.bin",
                  "model.safetensors", "pytorch_model.bin")
 _PROBE_TIMEOUT_S = 3.0
+_HUB_PREFIX = "hf-hub:"  # open_clip's schema for Hugging Face hub models
+_HUB_WEIGHT_FILES = (MODEL_DIR_WEIGHTS, "open_clip_pytorch_model.bin")  # preference order, as open_clip
+_HUB_REVISION_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/-]{0,254}")
+_SIMPLE_TOKENIZER_CLEAN = ("lower", "whitespace", "canonicalize")
 _HOW_TO_SUPPLY = (
     "supply weights with model.checkpoint=PATH (an open_clip checkpoint file or model directory, an "
     "OpenAI-format state dict / TorchScript archive, or a CleanCLIP checkpoint), or pre-populate the "
@@ -94,7 +105,10 @@ def register_configs() -> list[str]:
 
 
 def known_models() -> list[str]:
-    """All architecture names :func:`load_clip` accepts: ours first, then open_clip's built-ins."""
+    """All architecture names :func:`load_clip` accepts: ours first, then open_clip's built-ins.
+
+    Hugging Face hub models (``hf-hub:ORG/REPO``) are accepted as well but cannot be listed.
+    """
     ours = register_configs()
     return ours + [n for n in open_clip.list_models() if n not in ours]
 
@@ -107,10 +121,15 @@ def _unknown_name_error(name: str) -> ModelError:
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     return ModelError(
         f"unknown model name '{name}'{hint}; known: {', '.join(ours)}, plus {len(builtins)} open_clip "
-        f"built-ins (e.g. {', '.join(common)}; see rvpt.models.known_models())")
+        f"built-ins (e.g. {', '.join(common)}; see rvpt.models.known_models()); Hugging Face hub models are "
+        f"accepted as {_HUB_PREFIX}ORG/REPO")
 
 
 def _canonical_name(name: str) -> str:
+    if name.startswith(_HUB_PREFIX):  # reached only with model.checkpoint or model.pretrained
+        raise ModelError(
+            f"'{name}' is a Hugging Face hub model that brings its own weights; it cannot be combined with "
+            f"model.pretrained or model.checkpoint (with a checkpoint give an architecture name, or no name)")
     name = name.replace("/", "-")  # open_clip does the same: ViT-B/32 -> ViT-B-32
     if name not in known_models():
         raise _unknown_name_error(name)
@@ -384,8 +403,12 @@ def _strip_prefixes(sd: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     return out, stripped
 
 
-def _read_checkpoint_file(path: Path) -> tuple[dict[str, Any], str, str | None]:
-    """Read a checkpoint file into (state dict, description, architecture name stored in it or None)."""
+def _read_checkpoint_file(path: Path, allow_torchscript: bool = True) -> tuple[dict[str, Any], str, str | None]:
+    """Read a checkpoint file into (state dict, description, architecture name stored in it or None).
+
+    ``allow_torchscript=False`` refuses TorchScript archives (``torch.jit.load`` runs code stored in the
+    archive, e.g. ``__setstate__``), leaving only safetensors and ``torch.load(weights_only=True)``.
+    """
     where = f"checkpoint {path}"
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -396,6 +419,9 @@ def _read_checkpoint_file(path: Path) -> tuple[dict[str, Any], str, str | None]:
         sd, _ = _strip_prefixes(sd)
         return sd, f"open_clip safetensors checkpoint {path}", None
     if _is_torchscript(path):
+        if not allow_torchscript:
+            raise ModelError(f"{where} is a TorchScript archive, which is not accepted from this source (it can "
+                             f"carry code); supply safetensors or a plain state dict")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* is deprecated in torch 2.14
@@ -425,22 +451,30 @@ def _read_checkpoint_file(path: Path) -> tuple[dict[str, Any], str, str | None]:
     return sd, f"{kind} {path}", stored_name
 
 
+def _read_model_config(config_path: Path) -> dict[str, Any]:
+    """The JSON object in an ``open_clip_config.json``, checked to hold a ``model_cfg`` object."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not read {config_path}: {exc}") from exc
+    if not isinstance(config, dict) or "model_cfg" not in config:
+        raise ModelError(f"{config_path} has no 'model_cfg' entry")
+    if not isinstance(config["model_cfg"], dict):
+        raise ModelError(f"{config_path}: 'model_cfg' is a {type(config['model_cfg']).__name__}, not an object")
+    return config
+
+
 def _load_model_dir(path: Path, name: str | None, device: str | torch.device) -> LoadedClip:
     config_path = path / MODEL_DIR_CONFIG
     if not config_path.is_file():
         raise ModelError(f"checkpoint directory {path} has no {MODEL_DIR_CONFIG} (expected a directory written "
                          f"by save_model_dir or open_clip's save_for_hf)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not read {config_path}: {exc}") from exc
-    if "model_cfg" not in config:
-        raise ModelError(f"{config_path} has no 'model_cfg' entry")
+    config = _read_model_config(config_path)
     weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
         raise ModelError(f"checkpoint directory {path} has no weights file (looked for {', '.join(_WEIGHT_FILES)})")
     stored = config.get("model_name") or path.name
-    if name is None or name.replace("/", "-") == stored:
+    if name is None or name == stored or name.replace("/", "-") == stored:
         arch = stored
         with _quiet_random_init():
             model = _create(f"local-dir:{path}", load_weights=False)
@@ -509,12 +543,24 @@ def _hf_offline() -> Iterator[None]:
             os.environ["HF_HUB_OFFLINE"] = old_env
 
 
+def _user_offline() -> bool:
+    """Has the user put the Hugging Face hub in offline mode (env, or the constant read at import)?"""
+    import huggingface_hub.constants as hf_constants
+
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or bool(hf_constants.HF_HUB_OFFLINE)
+
+
+def _hub_endpoint() -> str:
+    """The Hugging Face hub URL: HF_ENDPOINT now, else the value huggingface_hub read at import."""
+    import huggingface_hub.constants as hf_constants
+
+    return os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT
+
+
 def _download_host(cfg: Mapping[str, Any]) -> tuple[str, int, bool]:
     """(host, port, expect_tls) that open_clip would download ``cfg`` from, or the proxy in between."""
     if cfg.get("hf_hub"):
-        import huggingface_hub.constants as hf_constants
-
-        url = os.environ.get("HF_ENDPOINT") or hf_constants.ENDPOINT
+        url = _hub_endpoint()
     else:
         url = cfg.get("url", "")
     parsed = urllib.parse.urlsplit(url)
@@ -588,9 +634,7 @@ def _load_pretrained(name: str, tag: str, device: str | torch.device) -> LoadedC
             model = _create(name, **kwargs)
         return _finish(model, name, model_cfg, f"open_clip pretrained {name}/{tag} (local cache)", device,
                        open_clip.get_tokenizer(name))
-    import huggingface_hub.constants as hf_constants
-
-    if cfg.get("hf_hub") and (_truthy(os.environ.get("HF_HUB_OFFLINE")) or hf_constants.HF_HUB_OFFLINE):
+    if cfg.get("hf_hub") and _user_offline():
         raise ModelError(f"weights for {name}/{tag} are not cached and HF_HUB_OFFLINE is set; {_HOW_TO_SUPPLY}")
     host, port, tls = _download_host(cfg)
     if not _reachable(host, port, tls=tls):
@@ -599,6 +643,133 @@ def _load_pretrained(name: str, tag: str, device: str | torch.device) -> LoadedC
     model = _create(name, **kwargs)
     return _finish(model, name, model_cfg, f"open_clip pretrained {name}/{tag} (downloaded from {host})", device,
                    open_clip.get_tokenizer(name))
+
+
+# ----------------------------------------------------------------------------- Hugging Face hub models (hf-hub:)
+
+
+def _parse_hub_name(name: str) -> tuple[str, str | None]:
+    """``hf-hub:ORG/REPO[@REVISION]`` -> (repo id, revision or None); malformed names are a ModelError."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    spec = name[len(_HUB_PREFIX):]
+    repo_id, at, revision = spec.partition("@")
+    problem = None
+    if not repo_id:
+        problem = "the repo id is empty"
+    elif repo_id.count("/") != 1:
+        problem = f"'{repo_id}' is not of the form ORG/REPO"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            problem = (f"'{repo_id}' is not a valid repo id (letters, digits, '-', '_', '.'; no '--' or '..'; "
+                       f"at most 96 characters)")
+    if problem is None and at:
+        if not _HUB_REVISION_RE.fullmatch(revision) or ".." in revision or "//" in revision or revision.endswith("/"):
+            problem = f"'{revision}' is not a valid revision (a branch, tag or commit hash)"
+    if problem:
+        raise ModelError(f"invalid Hugging Face hub model name '{name}': {problem}; expected {_HUB_PREFIX}ORG/REPO or "
+                         f"{_HUB_PREFIX}ORG/REPO@REVISION")
+    return repo_id, (revision if at else None)
+
+
+def _cached_hub_files(repo_id: str, revision: str | None) -> tuple[Path, Path] | None:
+    """(config, weights) of a hub repo from the local HF cache, same snapshot, or None; never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    with _hf_offline():
+        config = try_to_load_from_cache(repo_id, MODEL_DIR_CONFIG, revision=revision)
+        if not isinstance(config, str):
+            return None
+        for filename in _HUB_WEIGHT_FILES:
+            weights = try_to_load_from_cache(repo_id, filename, revision=revision)
+            if isinstance(weights, str) and Path(weights).parent == Path(config).parent:
+                return Path(config), Path(weights)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _download_hub_files(name: str, repo_id: str, revision: str | None, endpoint: str, host: str) -> tuple[Path, Path]:
+    """Download the config, then one weights file from the same commit (safetensors preferred)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, RepositoryNotFoundError
+
+    try:
+        config = Path(hf_hub_download(repo_id, MODEL_DIR_CONFIG, revision=revision, endpoint=endpoint))
+        commit = config.parent.name  # snapshots/<commit>/open_clip_config.json: pin the weights to it
+        for filename in _HUB_WEIGHT_FILES:
+            try:
+                return config, Path(hf_hub_download(repo_id, filename, revision=commit, endpoint=endpoint))
+            except EntryNotFoundError:
+                continue
+    except GatedRepoError as exc:
+        raise ModelError(f"{name}: the repository is gated on {host}; accept its terms and set HF_TOKEN, or "
+                         f"{_HOW_TO_SUPPLY}") from exc
+    except RepositoryNotFoundError as exc:
+        raise ModelError(f"{name}: no such repository on {host} (or it is private: set HF_TOKEN)") from exc
+    except EntryNotFoundError as exc:
+        raise ModelError(f"{name} is not an open_clip model: the repository has no {MODEL_DIR_CONFIG}") from exc
+    except Exception as exc:  # revision not found, HTTP and network errors, disk errors
+        raise ModelError(f"could not download {name} from {host}: {_first_line(exc)}") from exc
+    raise ModelError(f"{name} has no open_clip weights file (looked for {', '.join(_HUB_WEIGHT_FILES)})")
+
+
+def _hub_tokenizer(name: str, model_cfg: Mapping[str, Any]) -> Callable[..., Tensor]:
+    """The tokenizer open_clip would use for a hub config, built without network; HF tokenizers are refused."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    if not isinstance(text_cfg, dict):
+        raise ModelError(f"{name}: 'text_cfg' in {MODEL_DIR_CONFIG} is not an object")
+    hf_parts = [f"{key}={text_cfg[key]!r}" for key in ("hf_tokenizer_name", "hf_model_name") if text_cfg.get(key)]
+    if hf_parts:
+        raise ModelError(f"{name} has a Hugging Face tokenizer/text tower ({', '.join(hf_parts)}), which is not "
+                         f"supported offline; use an open_clip model with the default text tower")
+    context_length = text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH)
+    if not isinstance(context_length, int) or isinstance(context_length, bool) or context_length < 2:
+        raise ModelError(f"{name}: text_cfg.context_length {context_length!r} is not an integer >= 2")
+    kwargs = text_cfg.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ModelError(f"{name}: text_cfg.tokenizer_kwargs is not an object")
+    clean = kwargs.get("clean", "lower")
+    extra = kwargs.get("additional_special_tokens")
+    unsupported = sorted(set(kwargs) - {"clean", "additional_special_tokens"})  # e.g. bpe_path: a local file path
+    if unsupported or clean not in _SIMPLE_TOKENIZER_CLEAN or not (
+            extra is None or (isinstance(extra, list) and all(isinstance(t, str) for t in extra))):
+        raise ModelError(f"{name}: unsupported text_cfg.tokenizer_kwargs {json.dumps(kwargs)[:200]} (accepted: clean "
+                         f"in {', '.join(_SIMPLE_TOKENIZER_CLEAN)}; additional_special_tokens: a list of strings)")
+    return open_clip.SimpleTokenizer(context_length=context_length, clean=clean, additional_special_tokens=extra)
+
+
+def _load_hub(name: str, device: str | torch.device) -> LoadedClip:
+    """``hf-hub:ORG/REPO[@REVISION]``: loaded like a model directory, from the HF cache or after a download."""
+    repo_id, revision = _parse_hub_name(name)
+    files = _cached_hub_files(repo_id, revision)
+    if files is not None:
+        how = "local cache"
+    else:
+        if _user_offline():
+            raise ModelError(f"{name} is not cached and HF_HUB_OFFLINE is set; {_HOW_TO_SUPPLY}")
+        endpoint = _hub_endpoint()
+        host, port, tls = _download_host({"hf_hub": repo_id})
+        if not _reachable(host, port, tls=tls):
+            raise ModelError(f"{name} is not cached and the download host {host}:{port} cannot be reached; "
+                             f"{_HOW_TO_SUPPLY}")
+        files = _download_hub_files(name, repo_id, revision, endpoint, host)
+        how = f"downloaded from {host}"
+    config_path, weights = files
+    config = _read_model_config(config_path)
+    model_cfg = config["model_cfg"]
+    tokenizer = _hub_tokenizer(name, model_cfg)  # before building: HF text towers would reach the network
+    with _hf_offline(), _quiet_random_init():  # everything is local now; nothing may be fetched while building
+        model = _create(f"local-dir:{config_path.parent}", load_weights=False)
+    sd, _, _ = _read_checkpoint_file(weights, allow_torchscript=False)
+    _load_weights(model, sd, name, f"weights {weights.name} of {name}")
+    return _finish(model, name, model_cfg, f"{name} ({how}; {weights.name}, snapshot {config_path.parent.name})",
+                   device, tokenizer)
 
 
 # ----------------------------------------------------------------------------- public entry point
@@ -615,6 +786,9 @@ def load_clip(
     * ``name`` only: random init of a known architecture (see :func:`known_models`).
     * ``name`` + ``pretrained``: an open_clip pretrained tag (cached weights load offline; otherwise the
       download host is probed for ~3 s and a ModelError explains how to supply weights if unreachable).
+    * ``name`` = ``hf-hub:ORG/REPO`` (optionally ``@REVISION``) alone: an open_clip model on the Hugging Face
+      hub (its ``open_clip_config.json`` plus ``open_clip_model.safetensors`` or ``open_clip_pytorch_model.bin``),
+      with the same cache / offline / fast-failure behaviour; only the default (CLIP BPE) text tower is supported.
     * ``checkpoint``: a model directory, open_clip checkpoint, OpenAI state dict / TorchScript archive or
       CleanCLIP checkpoint; ``name`` is optional (taken from the directory, from an open_clip training
       checkpoint's ``name`` entry, or inferred from OpenAI-format tensor shapes).
@@ -626,9 +800,16 @@ def load_clip(
     if checkpoint is not None and pretrained is not None:
         raise ModelError("give either model.pretrained (a tag) or model.checkpoint (a path), not both")
     if checkpoint is not None:
+        if storage.is_remote(str(checkpoint)):  # object storage: a cached local copy
+            try:
+                checkpoint = storage.local_copy(str(checkpoint))
+            except storage.StorageError as exc:
+                raise ModelError(f"checkpoint {checkpoint}: {exc}") from None
         return _load_checkpoint(Path(checkpoint).expanduser(), name, device)
     if name is None:
         raise ModelError("no model given: set model.name (optionally with model.pretrained) or model.checkpoint")
+    if name.startswith(_HUB_PREFIX) and pretrained is None:
+        return _load_hub(name, device)
     arch = _canonical_name(name)
     if pretrained is not None:
         if os.path.isfile(pretrained):  # open_clip also accepts a file path as `pretrained`

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,8 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, UnidentifiedImageError
+
+from . import storage
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 KNOWN_KEYS = set(IMAGE_KEYS) | {"txt", "cls", "json"}
@@ -150,18 +151,36 @@ def _tar_handler(stats: ReadStats) -> Callable[[Exception], bool]:
     return handler
 
 
+def _open_shards(urls: Iterable[str], stats: ReadStats) -> Iterator[dict]:
+    """``{"url", "stream"}`` per shard, opened through :mod:`rvpt.storage` (local files or object
+    storage; never a shell or a URL handler). A shard that cannot be opened is skipped and counted."""
+    for url in urls:
+        try:
+            stream = storage.open_input(url)
+        except storage.StorageError:
+            stats.skipped += 1
+            stats.reasons["shard: cannot open"] += 1
+            continue
+        try:
+            yield {"url": url, "stream": stream}
+        finally:
+            stream.close()
+
+
 def iter_samples(urls: Sequence[str], image_size: Optional[int] = None,
                  stats: Optional[ReadStats] = None, shuffle_shards: bool = False,
                  seed: int = 0) -> Iterator[Sample]:
-    """Stream decoded samples from shards (paths or any URL webdataset opens), skipping and counting
+    """Stream decoded samples from shards (local paths or storage URIs), skipping and counting
     corrupt ones. No member ever reaches pickle or torch.load."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     stats = stats if stats is not None else ReadStats()
     urls = list(urls)
     if shuffle_shards:
         urls = [urls[i] for i in np.random.default_rng(seed).permutation(len(urls))]
-    ds = wds.WebDataset(urls, shardshuffle=False, handler=_tar_handler(stats),
-                        empty_check=False, nodesplitter=None, workersplitter=None)
-    for raw in ds:  # raw bytes: no .decode() stage is ever added
+    handler = _tar_handler(stats)
+    files = tar_file_expander(_open_shards(urls, stats), handler=handler)
+    for raw in group_by_keys(files, handler=handler):  # raw bytes: nothing is decoded but below
         try:
             sample = decode_sample(raw, image_size, stats)
         except CorruptSample as e:
@@ -216,6 +235,11 @@ def iter_batches(samples: Iterable[Sample], batch_size: int, shuffle_buffer: int
 
 # ---------------------------------------------------------------- corpus directories
 
+CLIP_BENCHMARK_CLASSES = "classnames.txt"
+CLIP_BENCHMARK_TEMPLATES = "zeroshot_classification_templates.txt"
+_META_LIMIT = 64 << 20  # classes / manifest files larger than this are refused
+
+
 @dataclass
 class ClassInfo:
     names: list[str]
@@ -226,41 +250,160 @@ class ClassInfo:
         return [t.format(n) for n in self.names]
 
 
+@dataclass
+class SplitInfo:
+    """One split of a corpus: its shard locations, and its sample count when the corpus says."""
+
+    shards: list[str]
+    count: Optional[int] = None
+    per_class: Optional[dict] = None
+
+
+@dataclass
+class Corpus:
+    """A corpus opened for reading (local directory or object storage): this project's format
+    (``classes.json`` + ``manifest.json``) or a CLIP_benchmark-style WebDataset directory
+    (``classnames.txt``, ``zeroshot_classification_templates.txt``, ``<split>/nshards.txt`` and
+    ``<split>/0.tar ...``), read in place."""
+
+    uri: str
+    format: str
+    classes: ClassInfo
+    splits: dict[str, SplitInfo]
+    manifest: dict
+
+    def split(self, name: str) -> SplitInfo:
+        if name not in self.splits:
+            raise ShardError(f"corpus {self.uri} has no split {name!r}; it has: "
+                             f"{', '.join(self.splits) or 'none'}")
+        return self.splits[name]
+
+
+def normalize_templates(templates: Sequence[str], where: str) -> list[str]:
+    """Prompt templates with one ``{}`` slot for the class name (CLIP_benchmark's ``{c}`` accepted)."""
+    out = []
+    for t in templates:
+        t = str(t).strip().replace("{c}", "{}")
+        if not t:
+            continue
+        try:
+            ok = t.format("x") != t and t.count("{}") == 1
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ShardError(f"{where}: template {t!r} needs exactly one {{}} (or {{c}}) for the "
+                             f"class name")
+        out.append(t)
+    return out or ["a photo of a {}."]
+
+
+def _class_info(names, templates, where: str) -> ClassInfo:
+    if not isinstance(names, list) or not names:
+        raise ShardError(f"{where} lists no classes")
+    if templates is not None and not isinstance(templates, list):
+        raise ShardError(f"{where}: templates must be a list of strings")
+    return ClassInfo(names=[str(n) for n in names],
+                     templates=normalize_templates(templates or [], where))
+
+
 def write_classes(corpus_dir: str | Path, names: Sequence[str], templates: Sequence[str]) -> None:
-    Path(corpus_dir).mkdir(parents=True, exist_ok=True)
-    (Path(corpus_dir) / CLASSES_FILE).write_text(
-        json.dumps({"classes": list(names), "templates": list(templates)}, indent=1))
+    storage.write_json(storage.join(str(corpus_dir), CLASSES_FILE),
+                       {"classes": list(names), "templates": list(templates)})
+
+
+def _lines(uri: str) -> list[str]:
+    return [ln.strip() for ln in storage.read_text(uri, _META_LIMIT).splitlines() if ln.strip()]
+
+
+def _open_clip_benchmark(uri: str) -> Corpus:
+    where = storage.join(uri, CLIP_BENCHMARK_CLASSES)
+    names = _lines(where)
+    tfile = storage.join(uri, CLIP_BENCHMARK_TEMPLATES)
+    templates = _lines(tfile) if storage.exists(tfile) else None
+    from pyarrow import fs
+
+    splits = {}
+    for entry in storage.listdir(uri):
+        if entry.type != fs.FileType.Directory:
+            continue
+        name = entry.base_name
+        sdir = storage.join(uri, name)
+        nfile = storage.join(sdir, "nshards.txt")
+        if storage.exists(nfile):
+            try:
+                n = int(storage.read_text(nfile, 1024).strip())
+            except ValueError:
+                raise ShardError(f"{nfile} does not hold a number of shards") from None
+            shards = [storage.join(sdir, f"{i}.tar") for i in range(n)]
+        else:
+            tars = [e.base_name for e in storage.listdir(sdir) if e.base_name.endswith(".tar")]
+            shards = [storage.join(sdir, t) for t in sorted(tars, key=_natural)]
+        if shards:
+            splits[name] = SplitInfo(shards=shards)
+    return Corpus(uri=uri, format="clip_benchmark", classes=_class_info(names, templates, where),
+                  splits=splits, manifest={"format": "clip_benchmark", "splits": {
+                      k: {"count": None, "shards": [storage.name_of(u) for u in v.shards]}
+                      for k, v in splits.items()}})
+
+
+def _natural(name: str):
+    import re
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def open_corpus(corpus: str | Path) -> Corpus:
+    """Open a corpus (a local directory or a storage URI); one-line :class:`ShardError` when it is
+    not one. Shard names from a manifest must be relative names inside the corpus."""
+    uri = str(corpus)
+    try:
+        storage.check_uri(uri, "corpus")
+        cfile = storage.join(uri, CLASSES_FILE)
+        if not storage.exists(cfile):
+            if storage.exists(storage.join(uri, CLIP_BENCHMARK_CLASSES)):
+                return _open_clip_benchmark(uri)
+            if not storage.exists(uri):
+                raise ShardError(f"corpus not found: {storage.display(uri)}")
+            raise ShardError(f"not a corpus directory (no {CLASSES_FILE}, no "
+                             f"{CLIP_BENCHMARK_CLASSES}): {storage.display(uri)}")
+        data = storage.read_json(cfile, _META_LIMIT)
+        if not isinstance(data, dict):
+            raise ShardError(f"{cfile} is not a valid classes file: not an object")
+        classes = _class_info(data.get("classes"), data.get("templates"), cfile)
+        mfile = storage.join(uri, MANIFEST)
+        if not storage.exists(mfile):
+            raise ShardError(f"corpus is incomplete or missing (no {MANIFEST}): "
+                             f"{storage.display(uri)}")
+        manifest = storage.read_json(mfile, _META_LIMIT)
+        raw = manifest.get("splits") if isinstance(manifest, dict) else None
+        if not isinstance(raw, dict):
+            raise ShardError(f"{mfile} has no 'splits' mapping")
+        splits = {}
+        for name, entry in raw.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+                raise ShardError(f"{mfile}: split {name!r} has no list of shards")
+            shards = [storage.child(uri, s, f"{mfile}: split {name!r}: shard") for s in entry["shards"]]
+            count = entry.get("count")
+            splits[str(name)] = SplitInfo(shards=shards,
+                                          count=count if isinstance(count, int) else None,
+                                          per_class=entry.get("per_class"))
+    except storage.StorageError as e:
+        raise ShardError(str(e)) from None
+    return Corpus(uri=uri, format="rvpt", classes=classes, splits=splits, manifest=manifest)
 
 
 def read_classes(corpus_dir: str | Path) -> ClassInfo:
-    path = Path(corpus_dir) / CLASSES_FILE
-    if not path.exists():
-        raise ShardError(f"not a corpus directory (no {CLASSES_FILE}): {corpus_dir}")
-    try:
-        data = json.loads(path.read_text())
-        names = [str(n) for n in data["classes"]]
-        templates = [str(t) for t in data.get("templates") or ["a photo of a {}."]]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ShardError(f"{path} is not a valid classes file: {e}") from None
-    if not names:
-        raise ShardError(f"{path} lists no classes")
-    return ClassInfo(names=names, templates=templates)
+    """The class names and prompt templates of a corpus."""
+    return open_corpus(corpus_dir).classes
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:
-    path = Path(corpus_dir) / MANIFEST
-    if not path.exists():
-        raise ShardError(f"corpus is incomplete or missing (no {MANIFEST}): {corpus_dir}")
-    return json.loads(path.read_text())
+    """The corpus manifest (for a CLIP_benchmark directory: one made from its layout)."""
+    return open_corpus(corpus_dir).manifest
 
 
 def split_urls(corpus_dir: str | Path, split: str) -> list[str]:
-    """Absolute shard paths of a split, from the manifest."""
-    manifest = read_manifest(corpus_dir)
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ShardError(f"corpus {corpus_dir} has no split {split!r}; it has: {', '.join(splits)}")
-    return [str(Path(corpus_dir) / s) for s in splits[split]["shards"]]
+    """Shard locations of a split (paths or URIs), from the manifest."""
+    return open_corpus(corpus_dir).split(split).shards
 
 
 class SplitWriter:
@@ -300,10 +443,9 @@ class SplitWriter:
 
 
 def write_manifest(corpus_dir: str | Path, splits: dict, **extra) -> dict:
+    """Write ``manifest.json`` (the corpus's completion marker: write it last)."""
     manifest = {"format": "rvpt-webdataset-v1", "splits": splits, **extra}
-    tmp = Path(corpus_dir) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, Path(corpus_dir) / MANIFEST)
+    storage.write_json(storage.join(str(corpus_dir), MANIFEST), manifest)
     return manifest
 
 

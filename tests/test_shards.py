@@ -122,10 +122,13 @@ def test_imagefolder_converter(tmp_path):
 
 
 def test_missing_corpus_errors(tmp_path):
+    with pytest.raises(ShardError, match="not a corpus directory .no classes.json"):
+        split_urls(tmp_path, "test")
+    with pytest.raises(ShardError, match="corpus not found"):
+        read_classes(tmp_path / "nothing")
+    write_classes(tmp_path, ["a", "b"], ["a photo of a {}."])
     with pytest.raises(ShardError, match="no manifest.json"):
         split_urls(tmp_path, "test")
-    with pytest.raises(ShardError, match="classes.json"):
-        read_classes(tmp_path)
     corpus = _corpus(tmp_path / "c", n=2)
     with pytest.raises(ShardError, match="no split 'nope'"):
         split_urls(corpus, "nope")

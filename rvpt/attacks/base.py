@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
+from .. import storage
 from ..params import parse_params
 
 ATTACK_FILE = "attack.json"
@@ -121,8 +122,16 @@ def make_attack(name: str, image_size: int, seed: int = 0, **params: Any) -> Att
 
 
 def load_attack(path: str | Path) -> tuple[Attack, dict]:
-    """Load ``attack.json`` (a file or the directory holding it). Returns the attack and the whole
-    JSON (target class, poisoning settings, ...)."""
+    """Load ``attack.json`` (a file or the directory holding it; local or on object storage, where
+    its directory is fetched once into the cache). Returns the attack and the whole JSON (target
+    class, poisoning settings, ...)."""
+    if storage.is_remote(str(path)):
+        uri = str(path).rstrip("/")
+        try:
+            path = storage.local_copy(storage.parent(uri)) / storage.name_of(uri) \
+                if uri.endswith(".json") else storage.local_copy(uri)
+        except storage.StorageError as e:
+            raise AttackError(f"attack description {uri}: {e}") from None
     p = Path(path)
     f = p / ATTACK_FILE if p.is_dir() else p
     if not f.exists():
