@@ -3,12 +3,11 @@ human summary and returns a JSON-able dict (written by ``--out``)."""
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 from rvpt.attacks import ATTACKS
 from rvpt.poison import example_grid
-from rvpt.shards import (ReadStats, imagefolder_to_shards, iter_batches, iter_samples,
+from rvpt.shards import (iter_batches, iter_samples,
                          read_classes, read_manifest, split_urls)
 
 from . import backdoor, build
@@ -29,14 +28,34 @@ def _print_corpus(c: dict) -> None:
 
 
 def make_corpus(cfg: Config, args: argparse.Namespace) -> dict:
-    if getattr(args, "from_imagefolder", None):
-        dest = args.dest or str(cfg.root() / "corpus" / Path(args.from_imagefolder).name)
-        stats = ReadStats()
-        res = imagefolder_to_shards(args.from_imagefolder, dest, split=args.split,
-                                    shard_size=cfg.corpus.shard_size, stats=stats)
-        print(f"wrote split {args.split!r} of {dest}: {res['count']} samples in "
-              f"{len(res['shards'])} shards; skipped {res['skipped']} unreadable images")
-        return {"corpus_dir": dest, **res}
+    """Build the configured corpus, or import one split of a data set into a corpus.
+
+    ``--from-imagefolder DIR`` / ``--from-hf PATH`` convert (see :mod:`rvpt.convert`) into split
+    ``--split`` (default test) of ``--dest`` (a path or URI; default ``<paths.root>/corpus/<source
+    name>``), with ``--class-names``, ``--templates`` and, for HF, ``--hf-split``,
+    ``--image-column``, ``--label-column``. Prints one line per split written and returns its
+    summary. CLIP_benchmark WebDataset directories need no conversion: ``open_corpus`` reads them
+    in place (give the directory as the corpus).
+    """
+    src_if, src_hf = getattr(args, "from_imagefolder", None), getattr(args, "from_hf", None)
+    if src_if or src_hf:
+        from rvpt import convert, storage
+        from rvpt.shards import ShardError
+
+        if src_if and src_hf:
+            raise ShardError("give --from-imagefolder or --from-hf, not both")
+        src = src_if or src_hf
+        dest = args.dest or storage.join(str(cfg.root()), "corpus", convert.source_name(src))
+        common = dict(split=args.split, class_names=getattr(args, "class_names", None),
+                      templates=getattr(args, "templates", None), shard_size=cfg.corpus.shard_size)
+        if src_if:
+            res = convert.imagefolder_to_corpus(src_if, dest, **common)
+        else:
+            res = convert.hf_to_corpus(src_hf, dest, hf_split=getattr(args, "hf_split", None),
+                                       image_column=getattr(args, "image_column", None),
+                                       label_column=getattr(args, "label_column", None), **common)
+        print(convert.summary_line(res))
+        return res
     c = build.resolve_corpus(cfg)
     _print_corpus(c)
     return c

@@ -407,7 +407,8 @@ def split_urls(corpus_dir: str | Path, split: str) -> list[str]:
 
 
 class SplitWriter:
-    """Writes one split as ``<split>-NNNNN.tar`` shards through webdataset's ShardWriter."""
+    """Writes one split as ``<split>-NNNNN.tar`` shards (local directory) through webdataset's
+    ShardWriter; :meth:`close` lists exactly the shards this writer wrote."""
 
     def __init__(self, corpus_dir: str | Path, split: str, shard_size: int):
         self.dir = Path(corpus_dir)
@@ -415,8 +416,19 @@ class SplitWriter:
         self.split = split
         self.count = 0
         self.labels: Counter = Counter()
-        self._writer = wds.ShardWriter(str(self.dir / f"{split}-%05d.tar"), maxcount=shard_size,
-                                       verbose=0)
+        self._names: list[str] = []
+        self._files: dict = {}
+
+        def opener(name: str):  # files opened here, never through webdataset's URL handler
+            self._names.append(name)
+            self._files[name] = open(self.dir / name, "wb")
+            return self._files[name]
+
+        def closer(name: str):
+            self._files.pop(name).close()
+
+        self._writer = wds.ShardWriter(split.replace("%", "%%") + "-%05d.tar", maxcount=shard_size,
+                                       verbose=0, opener=opener, post=closer)
 
     def write(self, key: str, image: bytes, text: str, label: int, meta: dict,
               image_ext: str = "png") -> None:
@@ -428,8 +440,7 @@ class SplitWriter:
 
     def close(self) -> dict:
         self._writer.close()
-        shards = sorted(p.name for p in self.dir.glob(f"{self.split}-*.tar"))
-        return {"count": self.count, "shards": shards,
+        return {"count": self.count, "shards": list(self._names),
                 "per_class": {str(k): v for k, v in sorted(self.labels.items())}}
 
     def __enter__(self):
@@ -447,53 +458,3 @@ def write_manifest(corpus_dir: str | Path, splits: dict, **extra) -> dict:
     manifest = {"format": "rvpt-webdataset-v1", "splits": splits, **extra}
     storage.write_json(storage.join(str(corpus_dir), MANIFEST), manifest)
     return manifest
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-
-
-def imagefolder_to_shards(src: str | Path, out: str | Path, split: str = "test",
-                          shard_size: int = 5000, templates: Optional[Sequence[str]] = None,
-                          image_size: Optional[int] = None, caption_template: str = "a photo of a {}.",
-                          stats: Optional[ReadStats] = None) -> dict:
-    """Convert an ImageFolder-style directory (one sub-folder per class) into a corpus split.
-
-    Class names come from folder names (``_`` becomes a space), sorted. Unreadable images are
-    skipped and counted. With ``image_size`` images are resized/cropped; otherwise they are
-    re-encoded as PNG at their own size. Run once per split (e.g. ``train`` -> fewshot, ``val`` ->
-    test); the classes must agree between calls.
-    """
-    src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise ShardError(f"image folder not found: {src}")
-    folders = sorted(p for p in src.iterdir() if p.is_dir())
-    if not folders:
-        raise ShardError(f"{src} has no class sub-folders")
-    names = [p.name.replace("_", " ") for p in folders]
-    existing = out / CLASSES_FILE
-    if existing.exists():
-        if read_classes(out).names != names:
-            raise ShardError(f"classes in {src} differ from those already in {out}")
-    else:
-        write_classes(out, names, templates or ["a photo of a {}."])
-    stats = stats if stats is not None else ReadStats()
-    with SplitWriter(out, split, shard_size) as w:
-        for label, folder in enumerate(folders):
-            for path in sorted(folder.rglob("*")):
-                if path.suffix.lower() not in IMAGE_SUFFIXES:
-                    continue
-                try:
-                    img = decode_image(path.read_bytes(), image_size)
-                except CorruptSample as e:
-                    stats.skipped += 1
-                    stats.reasons[str(e)] += 1
-                    continue
-                stats.samples += 1
-                key = f"{folder.name}-{path.relative_to(folder).with_suffix('')}".replace("/", "_")
-                w.write(key.replace(".", "_"), encode_png(img), caption_template.format(names[label]),
-                        label, {"class": names[label], "source": str(path.relative_to(src)),
-                                "poisoned": False})
-    manifest = read_manifest(out)["splits"] if (out / MANIFEST).exists() else {}
-    manifest[split] = w.info
-    write_manifest(out, manifest, source="imagefolder")
-    return {"split": split, **w.info, **stats.as_dict()}

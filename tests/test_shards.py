@@ -11,7 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from rvpt import synthetic
-from rvpt.shards import (ReadStats, SplitWriter, ShardError, imagefolder_to_shards, iter_batches,
+from rvpt.convert import imagefolder_to_corpus
+from rvpt.shards import (ReadStats, SplitWriter, ShardError, iter_batches,
                          iter_samples, read_classes, read_manifest, split_urls, write_classes,
                          write_manifest)
 
@@ -109,16 +110,33 @@ def test_imagefolder_converter(tmp_path):
     (src / "tabby_cat" / "broken.jpg").write_bytes(b"not a jpeg")
     (src / "tabby_cat" / "notes.txt").write_text("ignored")
     out = tmp_path / "corpus"
-    res = imagefolder_to_shards(src, out, split="test", image_size=16)
+    res = imagefolder_to_corpus(src, out, split="test", image_size=16)
     assert res["count"] == 6 and res["skipped"] == 1
     assert read_classes(out).names == ["golden retriever", "tabby cat"]
     samples = list(iter_samples(split_urls(out, "test")))
     assert {s.label for s in samples} == {0, 1} and samples[0].image.shape == (3, 16, 16)
     assert samples[0].text == "a photo of a golden retriever."
-    res2 = imagefolder_to_shards(src, out, split="fewshot")
+    imagefolder_to_corpus(src, out, split="fewshot")
     assert set(read_manifest(out)["splits"]) == {"test", "fewshot"}
+    assert len(split_urls(out, "test")) == len(res["shards"])  # a split lists only its own shards
     with pytest.raises(ShardError, match="not found"):
-        imagefolder_to_shards(tmp_path / "missing", out)
+        imagefolder_to_corpus(tmp_path / "missing", out)
+
+
+def test_split_writer_lists_only_what_it_wrote(tmp_path):
+    """Re-writing a split with fewer shards, and a split whose name prefixes another's, list only
+    their own shards (a directory glob would list stale and foreign ones)."""
+    def write(split, n):
+        with SplitWriter(tmp_path, split, shard_size=2) as w:
+            for i in range(n):
+                s = synthetic.render(0, "base", "test", i, label=0, num_classes=4)
+                w.write(f"{split}-{i}", s.png, s.caption, s.label, s.meta)
+        return w.info["shards"]
+
+    assert write("val-v2", 2) == ["val-v2-00000.tar"]
+    assert write("val", 6) == ["val-00000.tar", "val-00001.tar", "val-00002.tar"]
+    assert write("val", 2) == ["val-00000.tar"]
+    assert write("50%", 1) == ["50%-00000.tar"]
 
 
 def test_missing_corpus_errors(tmp_path):
