@@ -151,10 +151,13 @@ def _git_commit(repo: Path) -> Optional[str]:
 
 
 def code_version(repo: Optional[Path] = None) -> dict:
-    """Tags that say which code ran: ``mlflow.source.git.commit`` (shown by the MLflow UI) when
-    the checkout has git metadata, and ``code_hash``, a hash of the project's code and configs as
-    they are (uncommitted edits included)."""
+    """Tags that say which code ran: ``code_hash``, a hash of the project's code and configs as they
+    are (uncommitted edits included), and ``mlflow.source.git.commit`` (shown by the MLflow UI):
+    read from the checkout's ``.git``, or from ``RVPT_GIT_COMMIT`` — ``ray job submit`` leaves
+    ``.git`` out of the uploaded working directory, so the submit command passes the commit in
+    its runtime environment (README, "Clusters")."""
     import hashlib
+    import os
 
     from .config import REPO_ROOT
 
@@ -167,7 +170,7 @@ def code_version(repo: Optional[Path] = None) -> dict:
         for f in files:
             h.update(f.relative_to(repo).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     tags = {"code_hash": h.hexdigest()[:16]}
-    commit = _git_commit(repo)
+    commit = os.environ.get("RVPT_GIT_COMMIT") or _git_commit(repo)
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags

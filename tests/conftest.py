@@ -53,3 +53,39 @@ def corpus(smoke_root):
     r = run_job("make_corpus.py", *SMOKE, f"paths.root={smoke_root}", "--out", str(out))
     assert r.returncode == 0, r.stderr
     return json.loads(out.read_text())
+
+
+# ---------------------------------------------------------------- real local services
+# One of each per session (tests/services.py): an S3-compatible server, an MLflow server whose
+# artifacts go to it, and (for the module that needs it) a two-node Ray cluster.
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A moto S3 server on 127.0.0.1; its endpoint and keys are in this process's environment
+    (and so in every job a test starts) while the session lasts."""
+    from services import S3Server
+
+    from rvpt import storage
+
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    old = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    storage._FS_CACHE.clear()
+    yield server
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._FS_CACHE.clear()
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory):
+    """``mlflow server`` on 127.0.0.1 whose artifact store is ``s3://<bucket>/mlflow``."""
+    from services import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3.uri("mlflow"), s3.env)
+    yield server
+    server.close()

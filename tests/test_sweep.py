@@ -1,11 +1,10 @@
 """jobs/sweep.py end to end at the smoke size (each run starts its own local Ray on 127.0.0.1),
-re-runs and resumption, jobs/best.py against Tune's own choice, and `ray job submit` against a
-real local cluster."""
+re-runs and resumption, jobs/best.py against Tune's own choice (`ray job submit` on a two-node
+cluster: tests/test_users_path.py)."""
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -126,74 +125,6 @@ def test_in_trial_evaluation_matches_the_ray_data_actors(swept):
         assert row["metrics.n_test"] == same["metrics.n_test"].item() > 0
         for m in ("ca", "asr", "asr_all", "pa", "pr_mean"):
             assert abs(row[f"metrics.{m}"] - same[f"metrics.{m}"].item()) < 1e-6, m
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ray_job_submit_against_a_local_cluster(tmp_path):
-    """`ray start --head` on 127.0.0.1, then the command from the README."""
-    venv_bin = str(Path(sys.executable).parent)
-    temp = f"/tmp/rvpt-rjs-{os.getpid()}"
-    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    port, dash = _free_port(), _free_port()
-    # Every port this head opens is a free one: the agent's defaults are fixed (HTTP 52365) and the
-    # session's in-process cluster (conftest) already holds them; an agent that cannot bind its HTTP
-    # port stays alive without it and the job server answers "No available agent" forever (CI saw it).
-    agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-    ray = str(Path(venv_bin) / "ray")
-    start = subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", *agent,
-                            "--num-cpus=6", f"--temp-dir={temp}", "--disable-usage-stats"],
-                           env=env, capture_output=True, text=True, timeout=120)
-    try:
-        assert start.returncode == 0, start.stderr[-2000:]
-        submit = [ray, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
-                  "--working-dir", ".", "--", "python", "jobs/sweep.py", "--config",
-                  "configs/smoke.yaml", f"paths.root={tmp_path}", TWO_TRIALS]
-        # `ray start` returns before the node's dashboard agent has registered with the head; until
-        # then the job server answers 500 "No available agent" and creates no job, so a retry is
-        # safe (Ray's own message says "please try again later").
-        deadline = time.time() + 60
-        while True:
-            r = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True,
-                               timeout=900)
-            if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr \
-                    or time.time() > deadline:
-                break
-            time.sleep(5)
-        if r.returncode != 0:
-            logs = Path(temp, "session_latest", "logs", "dashboard_agent.log")
-            agent_log = logs.read_text(errors="replace")[-2000:] if logs.exists() else "(no agent log)"
-            pytest.fail(f"ray job submit failed:\n{r.stdout[-3000:]}\n{r.stderr[-2000:]}\n"
-                        f"dashboard agent log:\n{agent_log}")
-        assert "succeeded" in (r.stdout + r.stderr) and "best per attack x dataset" in r.stdout
-        assert len(_runs(tmp_path)) == 2
-    finally:
-        # stop only the processes of this cluster, by their ids: the ones whose command line names
-        # its temp dir (gcs, raylet, dashboard) or its GCS address (the client server) and all
-        # their descendants (the agents and workers name neither and would outlive their parents)
-        def pgrep(*a: str) -> list[int]:
-            out = subprocess.run(["pgrep", *a], capture_output=True, text=True).stdout
-            return [int(p) for p in out.split()]
-
-        todo, seen = pgrep("-f", temp) + pgrep("-f", f"127.0.0.1:{port}( |$)"), set()
-        while todo:
-            pid = todo.pop()
-            if pid not in seen and pid != os.getpid():
-                seen.add(pid)
-                todo += pgrep("-P", str(pid))
-        for pid in seen:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def test_asha_compares_a_trial_only_within_its_group():
