@@ -12,6 +12,19 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def rvpt_cache(tmp_path_factory):
+    """Remote copies and staging (rvpt.storage) under the session's tmp dir, never in ~/.cache."""
+    path = tmp_path_factory.mktemp("rvpt-cache")
+    old = os.environ.get("RVPT_CACHE_DIR")
+    os.environ["RVPT_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("RVPT_CACHE_DIR", None)
+    else:
+        os.environ["RVPT_CACHE_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     """One in-process local Ray instance for the whole session, on 127.0.0.1."""

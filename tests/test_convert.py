@@ -296,40 +296,22 @@ def test_hf_column_errors(tmp_path, hf_env):
         convert.hf_to_corpus(tmp_path / "empty", tmp_path / "c")
 
 
-def test_object_storage_source_and_destination(tmp_path, monkeypatch, hf_env):
-    """Through a local S3 server (moto): an ImageFolder read from s3://, written to s3://, then
-    an HF split added to the same remote corpus."""
-    pytest.importorskip("moto.server")
-    from moto.server import ThreadedMotoServer
-    from pyarrow import fs
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
-                     "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            monkeypatch.setenv(k, v)
-        bucket = f"rvpt-convert-{port}"
-        monkeypatch.setattr(storage, "_FS_CACHE", {})
-        fs.S3FileSystem(allow_bucket_creation=True, endpoint_override=endpoint).create_dir(bucket)
-        images = _images()
-        storage.upload(_imagefolder(tmp_path / "src", images, junk=False), f"s3://{bucket}/src")
-        dest = f"s3://{bucket}/corpus"
-        res = convert.imagefolder_to_corpus(f"s3://{bucket}/src", dest, shard_size=5,
-                                            class_names=_names_file(tmp_path / "synsets.txt"))
-        assert res["count"] == len(images) and res["corpus_dir"] == dest
-        _hf_dataset(hf_env, images).save_to_disk(tmp_path / "hf")
-        res = convert.hf_to_corpus(tmp_path / "hf", dest, split="fewshot")
-        c = open_corpus(dest)
-        assert set(c.splits) == {"test", "fewshot"} and c.classes.names == NAMES
-        for split in ("test", "fewshot"):
-            assert len(list(iter_samples(c.split(split).shards))) == len(images)
-        assert not list((tmp_path / "rvpt-cache" / "staging").iterdir())
-    finally:
-        server.stop()
+def test_object_storage_source_and_destination(tmp_path, hf_env, s3):
+    """Through the session's S3 server: an ImageFolder read from s3://, written to s3://, then an
+    HF split added to the same remote corpus."""
+    images = _images()
+    storage.upload(_imagefolder(tmp_path / "src", images, junk=False), s3.uri("convert", "src"))
+    dest = s3.uri("convert", "corpus")
+    res = convert.imagefolder_to_corpus(s3.uri("convert", "src"), dest, shard_size=5,
+                                        class_names=_names_file(tmp_path / "synsets.txt"))
+    assert res["count"] == len(images) and res["corpus_dir"] == dest
+    _hf_dataset(hf_env, images).save_to_disk(tmp_path / "hf")
+    convert.hf_to_corpus(tmp_path / "hf", dest, split="fewshot")
+    c = open_corpus(dest)
+    assert set(c.splits) == {"test", "fewshot"} and c.classes.names == NAMES
+    for split in ("test", "fewshot"):
+        assert len(list(iter_samples(c.split(split).shards))) == len(images)
+    assert not list((tmp_path / "rvpt-cache" / "staging").iterdir())
 
 
 def test_make_corpus_cli(tmp_path):
