@@ -195,9 +195,11 @@ class SweepConfig(_Strict):
     attacks: list[str] = Field(default_factory=lambda: ["badnet", "blended", "wanet"])
     datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"synthetic": DatasetSpec()})
     defenses: list[str] = Field(default_factory=lambda: ["rvpt", "vpt"])
-    models: dict[str, str] = Field(default_factory=dict, description="attack -> backdoored model "
-                                   "dir or URI (relative: under paths.root; else built by the "
-                                   "backdoor factory)")
+    models: dict[str, Union[str, dict[str, str]]] = Field(
+        default_factory=dict, description="attack -> backdoored model dir or URI (relative: under "
+        "paths.root): one for every dataset, a pattern with '{dataset}' in it, or {dataset: model} "
+        "(a model is poisoned towards one target class, which each dataset must have); an attack "
+        "without one is built by the backdoor factory on the embedded corpus")
     search: Literal["grid", "random", "optuna"] = "grid"
     space: SearchSpace = SearchSpace()
     num_samples: int = Field(4, ge=1, description="random/optuna: trials per group")
@@ -276,6 +278,17 @@ class Config(_Strict):
                 f"set paths.root to object storage (s3://BUCKET/PREFIX, gs://...) or to an absolute "
                 f"path that every node mounts")
         return str(REPO_ROOT / path)
+
+    def models_for(self, attack: str) -> dict[str, str]:
+        """``{dataset: model location}`` that ``sweep.models`` gives an attack (as written)."""
+        given = self.sweep.models[attack]
+        if isinstance(given, str):
+            return {name: given.replace("{dataset}", name) for name in self.sweep.datasets}
+        missing = [d for d in self.sweep.datasets if d not in given]
+        if missing:
+            raise ConfigError(f"config error: sweep.models.{attack}: no model for dataset "
+                              f"{missing[0]!r} (give one per dataset, or one string for all)")
+        return {d: given[d] for d in self.sweep.datasets}
 
     def locate(self, location: str) -> str:
         """A corpus or model location from the config: URIs and absolute paths as they are, a

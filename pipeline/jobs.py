@@ -176,6 +176,14 @@ def defend(cfg: Config, args: argparse.Namespace) -> dict:
 def sweep(cfg: Config, args: argparse.Namespace) -> dict:
     """The main job: build what is missing, run (or resume) the Ray Tune sweep, record every trial
     in MLflow, print the best hyperparameters per attack x dataset and write the report."""
+    if getattr(args, "check", False):
+        from . import check
+
+        summary = check.report(check.run_checks(cfg))
+        if not summary["ok"]:
+            failed = sum(c["ok"] is False for c in summary["checks"])
+            raise ConfigError(f"--check: {failed} check(s) failed (table above); nothing was run")
+        return summary
     from . import sweep as sweep_mod
 
     res = sweep_mod.run_sweep(cfg)

@@ -94,8 +94,13 @@ def identify(config: dict, base: dict) -> tuple[Config, dict, dict, str]:
         "alpha": config["alpha"] if config["group"]["defense"] == "rvpt" else 0.0}
     cfg = trial_config(Config.model_validate(base["cfg"]), setting)
     spec = base["datasets"][setting["dataset"]]
-    key = trial_key(cfg, base["models"][setting["attack"]], spec["corpus"], spec)
+    key = trial_key(cfg, model_of(base, setting), spec["corpus"], spec)
     return cfg, setting, spec, key
+
+
+def model_of(base: dict, setting: dict) -> str:
+    """The backdoored model a trial defends: the one for its attack on its dataset."""
+    return base["models"][setting["attack"]][setting["dataset"]]
 
 
 def run_record(cfg: Config, setting: dict, spec: dict, key: str, model: str,
@@ -117,16 +122,17 @@ def fewshot_key(dataset: str, image_size: int, shots: int, seed: int) -> str:
 def draw_few_shot_sets(cfg: Config, base: dict) -> tuple[dict, dict]:
     """Every few-shot set the sweep's trials will train on, drawn once with Ray Data (all trials of
     a dataset share it: the draw depends only on the shots and the seed). Returns the image size
-    of each attack's model and ``(train, val, n_train)`` sets, keyed by :func:`fewshot_key`."""
-    from rvpt.models import load_clip
+    of each model (by location) and ``(train, val, n_train)`` sets, keyed by :func:`fewshot_key`."""
+    from rvpt.models import model_image_size
 
     from .data import few_shot_split
 
-    sizes = {a: load_clip(checkpoint=m).image_size for a, m in base["models"].items()}
+    sizes = {m: model_image_size(m) for per in base["models"].values() for m in per.values()}
     shots = cfg.defense.train.shots
     out = {}
     for name, spec in base["datasets"].items():
-        for size in sorted(set(sizes.values())):
+        used = {sizes[per[name]] for per in base["models"].values()}
+        for size in sorted(used):
             train, val = few_shot_split(spec["corpus"], spec["fewshot_split"], shots, size, cfg.seed)
             out[fewshot_key(name, size, shots, cfg.seed)] = (train, val, train.count())
     return sizes, out
@@ -156,7 +162,7 @@ def run_trial(config: dict, base: dict) -> None:
 
     torch.set_num_threads(1)
     cfg, setting, spec, key = identify(config, base)
-    corpus, model = spec["corpus"], base["models"][setting["attack"]]
+    corpus, model = spec["corpus"], model_of(base, setting)
     uri, exp = base["uri"], cfg.sweep.name
     existing = tracking.find_run(uri, exp, key)
     if existing is not None:
@@ -164,7 +170,7 @@ def run_trial(config: dict, base: dict) -> None:
         return
     ctx = tune.get_context()
     info = read_classes(corpus)
-    image_size = base["image_sizes"][setting["attack"]]
+    image_size = base["image_sizes"][model]
     d = cfg.defense
     fkey = fewshot_key(setting["dataset"], image_size, d.train.shots, cfg.seed)
     train_ds, val_ds, n_train = base["fewshot"][fkey]
@@ -319,7 +325,7 @@ class SweepCallback(Callback):
 
         try:
             cfg, setting, spec, key = identify(trial.config, self.base)
-            tags, params = run_record(cfg, setting, spec, key, self.base["models"][setting["attack"]],
+            tags, params = run_record(cfg, setting, spec, key, model_of(self.base, setting),
                                       self.base.get("code"))
             tags[tracking.STOPPED_TAG] = "scheduler"
             metrics = {"val_ca": last.get("val_ca"), "epochs_run": last.get("training_iteration")}
@@ -366,8 +372,11 @@ def prepare(cfg: Config) -> dict:
         print(build.clean_model_line(cfg, clean), flush=True)
         for attack in missing:
             print(f"backdoored model for {attack} ...", flush=True)
-            models[attack] = backdoor.build_backdoored(cfg, attack, corpus, clean)["model_dir"]
-    models.update({a: cfg.locate(m) for a, m in cfg.sweep.models.items()})
+            built = backdoor.build_backdoored(cfg, attack, corpus, clean)["model_dir"]
+            models[attack] = {name: built for name in datasets}
+    for attack in cfg.sweep.models:
+        if attack in cfg.sweep.attacks:
+            models[attack] = {name: cfg.locate(m) for name, m in cfg.models_for(attack).items()}
     tracking.ensure_experiment(uri, cfg.sweep.name)
     storage_path = cfg.ray.storage_path or storage.join(root, "ray_results")
     return {"cfg": cfg.model_dump(mode="json"), "datasets": datasets, "models": models,

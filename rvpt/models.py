@@ -464,6 +464,45 @@ def _read_model_config(config_path: Path) -> dict[str, Any]:
     return config
 
 
+def describe_model_dir(location: str) -> dict[str, Any]:
+    """What a model directory (local or object storage) holds, without loading or downloading its
+    weights: ``{"model_name", "image_size", "weights"}``. One-line ModelError when it is not a
+    usable model directory (no config, a config without ``model_cfg``, no weights file)."""
+    location = str(location)
+    try:
+        names = {e.base_name for e in storage.listdir(location)}
+        if not names:
+            raise ModelError(f"model directory not found (or empty): {storage.display(location)}")
+        if MODEL_DIR_CONFIG not in names:
+            raise ModelError(f"model directory {storage.display(location)} has no {MODEL_DIR_CONFIG}")
+        config = storage.read_json(storage.join(location, MODEL_DIR_CONFIG), 16 << 20)
+    except storage.StorageError as exc:
+        raise ModelError(str(exc)) from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ModelError(f"{storage.join(location, MODEL_DIR_CONFIG)} has no 'model_cfg' object")
+    weights = next((f for f in _WEIGHT_FILES if f in names), None)
+    if weights is None:
+        raise ModelError(f"model directory {storage.display(location)} has no weights file "
+                         f"(looked for {', '.join(_WEIGHT_FILES)})")
+    size = (config["model_cfg"].get("vision_cfg") or {}).get("image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if not isinstance(size, int) or not 1 <= size <= 4096:
+        raise ModelError(f"{storage.join(location, MODEL_DIR_CONFIG)}: vision_cfg.image_size "
+                         f"{size!r} is not a size in pixels")
+    return {"model_name": config.get("model_name"), "image_size": size, "weights": weights}
+
+
+def model_image_size(checkpoint: str) -> int:
+    """The input size of a model: read from a model directory's config (no weights are fetched),
+    or by loading any other checkpoint."""
+    try:
+        if storage.is_dir(str(checkpoint)):
+            return describe_model_dir(str(checkpoint))["image_size"]
+    except storage.StorageError as exc:
+        raise ModelError(f"checkpoint {checkpoint}: {exc}") from None
+    return load_clip(checkpoint=checkpoint).image_size
+
+
 def _load_model_dir(path: Path, name: str | None, device: str | torch.device) -> LoadedClip:
     config_path = path / MODEL_DIR_CONFIG
     if not config_path.is_file():
@@ -770,6 +809,37 @@ def _load_hub(name: str, device: str | torch.device) -> LoadedClip:
     _load_weights(model, sd, name, f"weights {weights.name} of {name}")
     return _finish(model, name, model_cfg, f"{name} ({how}; {weights.name}, snapshot {config_path.parent.name})",
                    device, tokenizer)
+
+
+def weights_source(name: str, pretrained: str | None = None) -> str:
+    """Where :func:`load_clip` would take the weights of a pretrained tag or an ``hf-hub:`` name
+    from, found without downloading anything: ``"local cache"`` or ``"downloadable from HOST"``.
+    A one-line ModelError when they cannot be had (unknown tag, offline and not cached, host
+    unreachable within seconds)."""
+    register_configs()
+    if name.startswith(_HUB_PREFIX):
+        repo_id, revision = _parse_hub_name(name)
+        if _cached_hub_files(repo_id, revision) is not None:
+            return "local cache"
+        cfg: Mapping[str, Any] = {"hf_hub": repo_id}
+        what = name
+    else:
+        arch = _canonical_name(name)
+        cfg = get_pretrained_cfg(arch, pretrained or "")
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(arch)
+            raise ModelError(f"unknown pretrained tag '{pretrained}' for model {arch}; known tags: "
+                             f"{', '.join(tags) or 'none'}")
+        if _cached_weights(cfg):
+            return "local cache"
+        what = f"weights for {arch}/{pretrained}"
+    if cfg.get("hf_hub") and _user_offline():
+        raise ModelError(f"{what} are not cached and HF_HUB_OFFLINE is set; {_HOW_TO_SUPPLY}")
+    host, port, tls = _download_host(cfg)
+    if not _reachable(host, port, tls=tls):
+        raise ModelError(f"{what} are not cached and the download host {host}:{port} cannot be "
+                         f"reached; {_HOW_TO_SUPPLY}")
+    return f"downloadable from {host}"
 
 
 # ----------------------------------------------------------------------------- public entry point

@@ -206,7 +206,8 @@ def test_a_trial_stopped_early_is_recorded_but_never_chosen(tmp_path):
 
     cfg = load_config("configs/smoke.yaml")
     uri = tracking.default_uri(tmp_path)
-    base = {"cfg": cfg.model_dump(mode="json"), "uri": uri, "models": {"badnet": "/models/bd"},
+    base = {"cfg": cfg.model_dump(mode="json"), "uri": uri,
+            "models": {"badnet": {"synthetic": "/models/bd"}},
             "datasets": {"synthetic": {"corpus": "/corpus", "fewshot_split": "fewshot",
                                        "test_split": "test"}}}
     done, stopped = ({"setting": s} for s in settings(cfg)[:2])
