@@ -289,21 +289,20 @@ def _files(local_dir: Path) -> list[Path]:
 
 
 def upload(local_dir: str | Path, uri: str, last: Iterable[str] = ()) -> None:
-    """Copy a local directory to ``uri``; the relative paths in ``last`` go after everything else
-    (completion markers)."""
+    """Copy a local directory to ``uri`` (local or remote); the relative paths in ``last`` go after
+    everything else (completion markers)."""
     from pyarrow import fs
 
     local_dir = Path(local_dir)
     dest_fs, dest = filesystem(uri)
     last = [p for p in last if (local_dir / p).is_file()]
+    files = [f.relative_to(local_dir).as_posix() for f in _files(local_dir)]
     try:
-        for f in _files(local_dir):
-            rel = f.relative_to(local_dir).as_posix()
-            if rel in last:
+        for rel in [r for r in files if r not in last] + last:
+            if not is_remote(uri):
+                Path(dest, rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local_dir / rel, Path(dest, rel))
                 continue
-            fs.copy_files(str(f), f"{dest}/{rel}", source_filesystem=fs.LocalFileSystem(),
-                          destination_filesystem=dest_fs)
-        for rel in last:
             fs.copy_files(str(local_dir / rel), f"{dest}/{rel}",
                           source_filesystem=fs.LocalFileSystem(), destination_filesystem=dest_fs)
     except Exception as e:  # noqa: BLE001

@@ -28,12 +28,11 @@ def _cfg(smoke_root, *over):
 
 
 def test_ray_data_reads_shards_and_samples_the_same_shots(ray_local, corpus):
-    from pipeline.data import few_shot_split, read_split, shard_uris
+    from pipeline.data import few_shot_split, read_split
     from rvpt.fewshot import split_few_shot
     from rvpt.shards import iter_samples, split_urls
 
     cdir = corpus["corpus_dir"]
-    assert shard_uris(cdir, "test") == split_urls(cdir, "test")
     rows = read_split(cdir, "test", 32).take_all()
     assert len(rows) == 48 and rows[0]["image"].shape == (3, 32, 32)
     train, val = few_shot_split(cdir, "fewshot", 2, 32, seed=3)
@@ -109,10 +108,10 @@ def test_poisoned_corpus_written_through_ray_data_matches_the_local_maker(ray_lo
                                                                           tmp_path):
     """The factory's Ray Data writer: same pairs as the single-process maker (pixels, captions,
     labels, marks), twice the same, non-target sources only."""
-    from pipeline.data import shard_uris, write_poisoned
+    from pipeline.data import write_poisoned
     from rvpt.attacks import make_attack
     from rvpt.poison import make_poisoned_pairs
-    from rvpt.shards import iter_samples, read_classes, split_urls, write_manifest
+    from rvpt.shards import iter_samples, read_classes, split_urls, write_classes, write_manifest
 
     cdir = corpus["corpus_dir"]
     info = read_classes(cdir)
@@ -125,11 +124,12 @@ def test_poisoned_corpus_written_through_ray_data_matches_the_local_maker(ray_lo
                                info.templates, seed=5, image_size=32, shard_size=12)
         assert split["count"] == 30 and len(split["shards"]) >= 2
         assert sum(split["per_class"].values()) == 30 and "2" not in split["per_class"]
+        write_classes(out, info.names, info.templates)
         write_manifest(out, {"poison": split})
         outs.append({s.key: s for s in iter_samples(split_urls(out, "poison"))})
     a, b = outs
     assert a.keys() == b.keys()
-    sources = list(reversed(shard_uris(cdir, "pretrain")))
+    sources = list(reversed(split_urls(cdir, "pretrain")))
     local = {p.key: p for p in make_poisoned_pairs(attack, iter_samples(sources, 32), 30, 2,
                                                    info.names, info.templates, seed=5)}
     assert local.keys() == a.keys()
