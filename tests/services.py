@@ -165,8 +165,10 @@ class TwoNodeCluster:
                          "metrics_export_port": free_port()}
         common = {"node_ip_address": "127.0.0.1", "object_store_memory": 300 << 20}
         self.caches = (workdir / "cache-head", workdir / "cache-node2")
+        self.workdir = workdir
         with environ(PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-                     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", **env):
+                     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+                     RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S="3600", **env):
             with environ(RVPT_CACHE_DIR=str(self.caches[0])):
                 self.cluster = Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
                     **common, **ports(), "num_cpus": head_cpus, "include_dashboard": True,
@@ -197,6 +199,16 @@ class TwoNodeCluster:
                     or time.time() > deadline:
                 return r
             time.sleep(5)
+
+    def keep_logs(self) -> Path:
+        """Copy both nodes' Ray logs under ``workdir`` (they go with the temp dirs at close)."""
+        import shutil
+
+        dest = self.workdir / "ray-logs"
+        for i, base in enumerate((self.temp_dir, self.temp_dir2)):
+            for logs in Path(base).glob("session_2*/logs"):
+                shutil.copytree(logs, dest / f"node{i + 1}", dirs_exist_ok=True)
+        return dest
 
     def working_dir_files(self) -> list[Path]:
         """Every file under the jobs' unpacked working directories (``working_dir_files``)."""

@@ -28,12 +28,21 @@ def submitted(cluster, s3, mlflow_server):
                             text=True).stdout.strip() or "unknown"
     # as a user types it (README, "Clusters"): one trial, its Train worker and evaluation actor
     # pinned to the second node by a custom resource
-    r = cluster.submit(["python", "jobs/sweep.py", *SMOKE, f"paths.root={root}",
-                        f"tracking.uri={mlflow_server.uri}", "sweep.space.length=[2]",
-                        "sweep.defenses=[rvpt]", "ray.eval_actors=1",
-                        "ray.worker_resources={node2: 0.01}"],
-                       cwd=REPO, runtime_env={"env_vars": {"RVPT_GIT_COMMIT": commit}})
-    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-3000:]}"
+    entry = ["python", "jobs/sweep.py", *SMOKE, f"paths.root={root}",
+             f"tracking.uri={mlflow_server.uri}", "sweep.space.length=[2]", "sweep.defenses=[rvpt]",
+             "ray.eval_actors=1", "ray.worker_resources={node2: 0.01}"]
+    r = cluster.submit(entry, cwd=REPO, runtime_env={"env_vars": {"RVPT_GIT_COMMIT": commit}})
+    if r.returncode != 0 and "Failed to download runtime_env file package" in r.stdout + r.stderr:
+        # Seen once in a full CI-sized run, never alone: a node's runtime-env agent found the
+        # job's working-dir package gone from the GCS. Ray's own failure, not the pipeline's: the
+        # logs are kept and the job is submitted once more (what a user would do).
+        print(f"ray job submit: working-dir package missing (Ray logs: {cluster.keep_logs()}); "
+              f"resubmitting once")
+        r = cluster.submit(entry, cwd=REPO, runtime_env={"env_vars": {"RVPT_GIT_COMMIT": commit}})
+    if r.returncode != 0:
+        logs = cluster.keep_logs()
+        pytest.fail(f"ray job submit failed (Ray logs kept in {logs}):\n{r.stdout[-4000:]}\n"
+                    f"{r.stderr[-3000:]}")
     return root, commit, r.stdout
 
 
