@@ -21,6 +21,9 @@ def _args(p):
                    help="only check the config against what is there (storage, tracking server, "
                         "corpora and their splits, models and their targets), in seconds; exit 2 "
                         "when a check fails")
+    p.add_argument("--sync", action="store_true",
+                   help="only send the sweep's kept trial results that have not reached MLflow "
+                        "(the server was down when they finished) and exit")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ from rvpt.poison import (has_partial_keys, limited, mix_in, natural_captions, po
                          target_index)
 from rvpt.pretrain import train_contrastive
 from rvpt import storage
-from rvpt.shards import (ReadStats, iter_batches, iter_samples, read_classes, split_urls,
-                         write_classes, write_manifest)
+from rvpt.shards import ReadStats, iter_batches, read_classes, write_classes, write_manifest
 from rvpt.zeroshot import class_embeddings
 
 from . import build
@@ -34,7 +33,8 @@ from .session import ray_init
 
 
 def backdoor_key(cfg: Config, pc: PoisonConfig, clean_model: dict, corpus_dir: str) -> str:
-    clean = storage.name_of(clean_model["model_dir"]) if clean_model.get("model_dir") else cfg.model
+    clean = storage.name_of(clean_model["model_dir"]) if clean_model.get("model_dir") else \
+        cfg.model.model_dump(exclude={"trust_torchscript"})
     key = {"factory": 2, "clean": clean, "poison": pc.model_dump(exclude={"attacks"}),
            "seed": cfg.seed, "corpus": storage.name_of(corpus_dir)}
     fields = getattr(ATTACKS.get(pc.attack), "Params", None)
@@ -79,18 +79,22 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     build.set_threads(cfg.pretrain.threads)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
-    urls = split_urls(corpus_dir, "pretrain")
     total = build.split_count(corpus_dir, "pretrain")
+
+    def pairs(**kw):  # the clean image-caption pairs (labels optional)
+        return build.samples(cfg, corpus_dir, "pretrain", loaded.image_size, require_label=False,
+                             **kw)
+
     n_clean = min(pc.n_clean or total, total)
 
     fit_stats: dict = {}
     if attack.needs_fit:
-        fit_batches = iter_batches(limited(iter_samples(urls, loaded.image_size), pc.fit_images), 128)
+        fit_batches = iter_batches(limited(pairs(), pc.fit_images), 128)
         print(f"fitting the {attack_name} trigger on {pc.fit_images} clean images ...", flush=True)
         fit_stats = attack.fit(loaded, fit_batches, target, info.names, info.templates)
 
     n_poison = poison_count(pc.rate, n_clean)
-    natural = natural_captions(iter_samples(urls, loaded.image_size), target) \
+    natural = natural_captions(pairs(), target) \
         if getattr(attack, "caption_style", "template") == "natural" else []
     pdir = storage.join(cfg.root(), "corpus", f"poisoned-{attack_name}-{key}")
     storage.remove(pdir)
@@ -107,7 +111,7 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
                            image_size=loaded.image_size, shard_size=cfg.corpus.shard_size)
     write_manifest(pdir, {"poison": split}, source="poison", attack=attack_name, target=target,
                    rate=pc.rate, n_clean=n_clean)
-    poisoned = sorted(iter_samples(split_urls(pdir, "poison"), loaded.image_size), key=lambda s: s.key)
+    poisoned = sorted(build.samples(cfg, pdir, "poison", loaded.image_size), key=lambda s: s.key)
     sources = {s.meta.get("source_key") for s in poisoned}  # never also seen clean
 
     steps_per_epoch = max(1, (n_clean + len(poisoned)) // pc.batch_size)
@@ -115,8 +119,7 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
 
     def epoch_batches(epoch: int):
         s = cfg.seed * 1000 + epoch
-        clean = limited((x for x in iter_samples(urls, loaded.image_size, stats=stats,
-                                                 shuffle_shards=True, seed=s)
+        clean = limited((x for x in pairs(stats=stats, shuffle_shards=True, seed=s)
                          if x.key not in sources), n_clean)
         return iter_batches(mix_in(clean, n_clean, poisoned, seed=s),
                             pc.batch_size, shuffle_buffer=cfg.pretrain.shuffle_buffer, seed=s,
@@ -167,11 +170,11 @@ def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: 
     trig = trigger_classifier(loaded, attack, info.names, info.templates,
                               cfg.eval.prompt_ensemble) if attack is not None else None
     stats = ReadStats()
-    samples = iter_samples(split_urls(corpus_dir, split), loaded.image_size, stats=stats)
+    samples = build.samples(cfg, corpus_dir, split, loaded.image_size, stats=stats)
     with build.progress_bar(desc=f"evaluating {split}", unit="img", leave=False) as bar:
         c = backdoor_counts(loaded, iter_batches(samples, cfg.eval.batch_size), clf, attack, target,
                             trigger_classifier=trig, encode=encode, progress=bar)
-    return {**rates(c), "split": split, "skipped": stats.skipped}
+    return {**rates(c), "split": split, "read": stats.as_dict()}
 
 
 def load_backdoored(model: str, attack_file: Optional[str] = None,

@@ -11,6 +11,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from typing import Iterator, Optional
 
 import torch
 from tqdm import tqdm
@@ -18,8 +19,8 @@ from tqdm import tqdm
 from rvpt import storage, synthetic
 from rvpt.models import LoadedClip, load_clip, save_model_dir
 from rvpt.pretrain import train_contrastive
-from rvpt.shards import (MANIFEST, Corpus, ReadStats, ShardError, SplitWriter, iter_batches,
-                         iter_samples, open_corpus, read_classes, split_urls, write_classes,
+from rvpt.shards import (MANIFEST, Corpus, ReadStats, Sample, ShardError, SplitWriter,
+                         iter_batches, iter_samples, open_corpus, read_classes, write_classes,
                          write_manifest)
 from rvpt.zeroshot import class_embeddings, evaluate_accuracy
 
@@ -40,7 +41,8 @@ def set_threads(n: int = 0) -> None:
 # ---------------------------------------------------------------- corpus
 
 def corpus_key(cfg: Config) -> str:
-    c = cfg.corpus.model_dump(exclude={"workers", "path", "kind"})
+    c = cfg.corpus.model_dump(exclude={"workers", "path", "kind", "max_image_pixels",
+                                       "max_member_mb"})
     return config_hash({"generator": 1, **c})
 
 
@@ -121,6 +123,20 @@ def resolve_corpus(cfg: Config) -> dict:
     return {"corpus_dir": uri, "cached": True, **_corpus_counts(open_corpus(uri))}
 
 
+def samples(cfg: Config, corpus_dir: str, split: str, image_size: Optional[int],
+            stats: Optional[ReadStats] = None, require_label: bool = True,
+            **kw) -> Iterator[Sample]:
+    """The plain reader over a corpus split under the config's read rules, labels in range of the
+    corpus's classes (``require_label=False`` for image-caption pairs). Read to the end, the
+    counts in ``stats`` are checked against the manifest's (see :meth:`ReadStats.check_count`)."""
+    corpus = open_corpus(corpus_dir)
+    info = corpus.split(split)
+    stats = stats if stats is not None else ReadStats()
+    rules = cfg.read_rules(len(corpus.classes.names), require_label)
+    yield from iter_samples(info.shards, image_size, stats=stats, rules=rules, **kw)
+    stats.check_count(info.count)
+
+
 def split_count(corpus_dir: str, split: str) -> int:
     """The number of samples of a split as the corpus manifest states it (needed to plan epochs)."""
     n = open_corpus(corpus_dir).split(split).count
@@ -141,7 +157,8 @@ def corpus_line(c: dict) -> str:
 SUMMARY = "summary.json"  # a model directory's completion marker (published last)
 
 def model_key(cfg: Config, corpus_dir: str) -> str:
-    return config_hash({"corpus": storage.name_of(corpus_dir), "model": cfg.model,
+    return config_hash({"corpus": storage.name_of(corpus_dir),
+                        "model": cfg.model.model_dump(exclude={"trust_torchscript"}),
                         "pretrain": cfg.pretrain.model_dump(exclude={"threads"}), "seed": cfg.seed})
 
 
@@ -169,16 +186,15 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     loaded = load_clip(m.name, device=cfg.torch_device())
     corpus_dir = corpus["corpus_dir"]
-    urls = split_urls(corpus_dir, "pretrain")
     n = split_count(corpus_dir, "pretrain")
     p = cfg.pretrain
     steps_per_epoch = max(1, n // p.batch_size)
     stats = ReadStats()
 
     def epoch_batches(epoch: int):
-        samples = iter_samples(urls, loaded.image_size, stats=stats, shuffle_shards=True,
-                               seed=cfg.seed * 1000 + epoch)
-        return iter_batches(samples, p.batch_size, shuffle_buffer=p.shuffle_buffer,
+        pairs = samples(cfg, corpus_dir, "pretrain", loaded.image_size, stats=stats,
+                        require_label=False, shuffle_shards=True, seed=cfg.seed * 1000 + epoch)
+        return iter_batches(pairs, p.batch_size, shuffle_buffer=p.shuffle_buffer,
                             seed=cfg.seed * 1000 + epoch, drop_last=True)
 
     bar = progress_bar(total=p.epochs * steps_per_epoch, desc="pretraining clean CLIP", unit="step")
@@ -206,17 +222,18 @@ def load_model(cfg: Config, model: dict) -> LoadedClip:
     if model.get("model_dir"):
         return load_clip(checkpoint=model["model_dir"], device=device)
     return load_clip(cfg.model.name, pretrained=cfg.model.pretrained, checkpoint=cfg.model.checkpoint,
-                     device=device)
+                     device=device, trust_torchscript=cfg.model.trust_torchscript)
 
 
 # ---------------------------------------------------------------- zero-shot CA
 
 def zero_shot(cfg: Config, loaded: LoadedClip, corpus_dir: str, split: str = "test") -> dict:
-    """Zero-shot clean accuracy on a split; returns ``{"ca": ..., "n": ..., "skipped": ...}``."""
+    """Zero-shot clean accuracy on a split; returns ``{"ca", "n", "read"}`` (``read``: what the
+    reader kept and skipped, :meth:`ReadStats.as_dict`)."""
     info = read_classes(corpus_dir)
     clf = class_embeddings(loaded, info.names, info.templates, ensemble=cfg.eval.prompt_ensemble)
     stats = ReadStats()
-    samples = iter_samples(split_urls(corpus_dir, split), loaded.image_size, stats=stats)
+    images = samples(cfg, corpus_dir, split, loaded.image_size, stats=stats)
     with progress_bar(desc=f"zero-shot {split}", unit="img", leave=False) as bar:
-        res = evaluate_accuracy(loaded, iter_batches(samples, cfg.eval.batch_size), clf, bar)
-    return {"ca": res["acc"], "n": res["total"], "skipped": stats.skipped}
+        res = evaluate_accuracy(loaded, iter_batches(images, cfg.eval.batch_size), clf, bar)
+    return {"ca": res["acc"], "n": res["total"], "read": stats.as_dict()}

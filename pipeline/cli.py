@@ -61,6 +61,12 @@ def main(description: str, run: Callable[[Config, argparse.Namespace], dict],
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # MLflow's own errors (a tracking store that refuses a request): one line
+        if not type(e).__module__.startswith("mlflow"):
+            raise
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"error: MLflow: {text}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished artifacts are kept; partial ones are rebuilt next time",
               file=sys.stderr)

@@ -52,6 +52,10 @@ class CorpusConfig(_Strict):
     bg_contrast: float = Field(60.0, ge=0.0, le=255.0,
                                description="synthetic: contrast within background textures (0-255)")
     workers: int = Field(2, ge=1, description="processes used to render")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="readers skip (and count) larger "
+                                  "images before decoding them")
+    max_member_mb: float = Field(64.0, gt=0, description="readers skip (and count) larger tar "
+                                 "members without reading them")
 
     @model_validator(mode="after")
     def _check(self) -> "CorpusConfig":
@@ -70,6 +74,9 @@ class ModelConfig(_Strict):
     checkpoint: Optional[str] = Field(
         None, description="local weights: model dir, open_clip/OpenAI state dict, CleanCLIP ckpt"
     )
+    trust_torchscript: bool = Field(
+        False, description="load a TorchScript checkpoint with torch.jit.load, which RUNS code stored "
+        "in the archive; by default only its tensors are read, nothing in it runs")
 
 
 class PretrainConfig(_Strict):
@@ -191,7 +198,9 @@ class SearchSpace(_Strict):
 class SweepConfig(_Strict):
     """Ray Tune over {attack x dataset x defense} and a search over prompt depth, length, alpha."""
 
-    name: str = Field("rvpt-default", description="MLflow experiment and Tune run name")
+    name: str = Field("rvpt-default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="MLflow experiment and Tune run name (letters, digits, . _ -: it "
+                      "names directories)")
     attacks: list[str] = Field(default_factory=lambda: ["badnet", "blended", "wanet"])
     datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"synthetic": DatasetSpec()})
     defenses: list[str] = Field(default_factory=lambda: ["rvpt", "vpt"])
@@ -290,6 +299,14 @@ class Config(_Strict):
                               f"{missing[0]!r} (give one per dataset, or one string for all)")
         return {d: given[d] for d in self.sweep.datasets}
 
+    def read_rules(self, num_classes: Optional[int] = None, require_label: bool = True):
+        """The :class:`rvpt.shards.ReadRules` of this config's readers."""
+        from rvpt.shards import ReadRules
+
+        return ReadRules(num_classes=num_classes, require_label=require_label,
+                         max_pixels=self.corpus.max_image_pixels,
+                         max_member_bytes=int(self.corpus.max_member_mb * (1 << 20)))
+
     def locate(self, location: str) -> str:
         """A corpus or model location from the config: URIs and absolute paths as they are, a
         relative path under the results root."""
@@ -361,10 +378,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         if not path.exists():
             raise ConfigError(f"config error: file not found: {path}")
+        if not path.is_file():
+            raise ConfigError(f"config error: {path} is not a file")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config error: {path} is not valid YAML: {str(e).splitlines()[0]}")
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config error: {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise ConfigError(f"config error: cannot read {path}: {e.strerror or e}") from None
+        except (yaml.YAMLError, RecursionError) as e:
+            raise ConfigError(f"config error: {path} is not valid YAML: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config error: {path} must hold a mapping at the top level")
     data = apply_overrides(data, overrides)

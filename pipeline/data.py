@@ -1,71 +1,110 @@
 """Ray Data over corpus shards: local paths or object storage (``s3://``, ``gs://``), through the
 same :mod:`rvpt.storage` locations as the plain reader.
 
-Shards are untrusted input: ``read_webdataset(..., decoder=None)`` hands over raw bytes and the
-project's decoder (:func:`rvpt.shards.decode_sample`) decodes only image, text, class and JSON
-members; any other member (``.pkl``, ``.pth``) stays bytes and is dropped, corrupt samples are
-dropped. Rows come out with fixed shapes: ``image`` uint8 [3, H, W], ``label``, ``key``, ``text``.
+Shards are untrusted input. A read task per shard runs the plain reader's
+:func:`rvpt.shards.read_shard` (the project's own tar reader and decoder, under one set of
+:class:`rvpt.shards.ReadRules`), so both paths keep the same samples and skip the same ones for the
+same reasons; a bad shard ends its own task, counted, never the dataset. Rows come out with fixed
+shapes: ``image`` uint8 [3, H, W], ``label``, ``key``, ``text``, and each shard's counts in a
+closing row (:data:`STATS`).
 """
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from rvpt import storage
 from rvpt.fewshot import pick_shots
-from rvpt.shards import CorruptSample, ShardError, decode_sample, split_urls
+from rvpt.shards import (ReadRules, ReadStats, ShardError, open_corpus, read_classes, read_shard,
+                         split_urls)
 
 ROW_COLUMNS = ("image", "label", "key", "text")
 
 
-def _paths(uris: list[str]):
-    """``(pyarrow filesystem, [paths])`` for shard locations on one filesystem (local or a bucket)."""
-    if not uris:
-        raise ShardError("no shards to read")
-    try:
-        located = [storage.filesystem(u) for u in uris]
-    except storage.StorageError as e:
-        raise ShardError(str(e)) from None
-    return located[0][0], [p for _, p in located]
+STATS = "read_stats"  # "" on a sample row; a shard's ReadStats (JSON) on its closing row
 
 
-def decode_batch(batch: dict, image_size: Optional[int] = None, with_meta: bool = False) -> dict:
-    """Raw WebDataset columns (bytes) -> fixed-shape rows; corrupt samples are dropped. With
-    ``with_meta`` a ``meta`` column holds each sample's JSON member (as a JSON string)."""
-    n = len(batch["__key__"])
-    members = [k for k in batch if k != "__url__"]
-    rows = []
-    for i in range(n):
-        raw = {k: batch[k][i] for k in members if batch[k][i] is not None}
-        try:
-            rows.append(decode_sample(raw, image_size))
-        except CorruptSample:
-            continue
-    if not rows:
-        out = {"image": np.zeros((0, 3, image_size or 1, image_size or 1), np.uint8),
-               "label": np.zeros(0, np.int64), "key": np.array([], dtype=object),
-               "text": np.array([], dtype=object)}
-    else:
-        out = {"image": np.stack([r.image.numpy() for r in rows]),
-               "label": np.array([r.label for r in rows], np.int64),
-               "key": np.array([r.key for r in rows], dtype=object),
-               "text": np.array([r.text for r in rows], dtype=object)}
+def _rows(samples: list, image_size: int, with_meta: bool, stats: str = "") -> dict:
+    """Decoded samples as a numpy batch; with ``stats`` one closing row carrying a shard's
+    :class:`ReadStats` instead (zero image, label -1)."""
+    if stats:
+        out = {"image": np.zeros((1, 3, image_size, image_size), np.uint8),
+               "label": np.full(1, -1, np.int64), "key": np.array([""], dtype=object),
+               "text": np.array([""], dtype=object)}
+        if with_meta:
+            out["meta"] = np.array(["{}"], dtype=object)
+        out[STATS] = np.array([stats], dtype=object)
+        return out
+    out = {"image": np.stack([s.image.numpy() for s in samples]),
+           "label": np.array([s.label for s in samples], np.int64),
+           "key": np.array([s.key for s in samples], dtype=object),
+           "text": np.array([s.text for s in samples], dtype=object)}
     if with_meta:
-        out["meta"] = np.array([json.dumps(r.meta) for r in rows], dtype=object)
+        out["meta"] = np.array([json.dumps(s.meta) for s in samples], dtype=object)
+    out[STATS] = np.array([""] * len(samples), dtype=object)
     return out
 
 
-def read_split(corpus: str, split: str, image_size: int, batch_size: int = 256,
-               with_meta: bool = False, uris: Optional[list] = None):
-    """A Ray Dataset of decoded rows for one corpus split (or for the given shard ``uris``)."""
+def _read_shards(batch: dict, image_size: int, rules: ReadRules, with_meta: bool,
+                 batch_size: int) -> Iterator[dict]:
+    """Shard locations in, decoded rows out (the plain reader's :func:`rvpt.shards.read_shard`, so
+    both paths keep and skip the same samples); after each shard, one row with its ReadStats."""
+    for url in batch["url"]:
+        stats, rows = ReadStats(), []
+        for sample in read_shard(str(url), image_size, stats, rules):
+            rows.append(sample)
+            if len(rows) == batch_size:
+                yield _rows(rows, image_size, with_meta)
+                rows = []
+        if rows:
+            yield _rows(rows, image_size, with_meta)
+        yield _rows([], image_size, with_meta, stats=json.dumps(stats.as_dict()))
+
+
+def read_split(corpus: str, split: str, image_size: int, rules: Optional[ReadRules] = None,
+               batch_size: int = 256, with_meta: bool = False, uris: Optional[list] = None):
+    """A Ray Dataset of one corpus split (or of the given shard ``uris``): one read task per shard,
+    decoded rows (``image`` uint8 [3, S, S], ``label``, ``key``, ``text``, ``meta`` with
+    ``with_meta``) plus a closing row per shard that carries its skip counts (column
+    :data:`STATS`; see :func:`valid_rows` and :func:`stats_of`). ``rules`` default to labels in
+    range of the corpus's classes."""
     import ray
 
-    filesystem, paths = _paths(uris or split_urls(corpus, split))
-    ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None)
-    return ds.map_batches(decode_batch, fn_kwargs={"image_size": image_size, "with_meta": with_meta},
-                          batch_size=batch_size, batch_format="numpy")
+    uris = list(uris or split_urls(corpus, split))
+    if not uris:
+        raise ShardError(f"corpus {corpus}: split {split!r} lists no shards")
+    if rules is None:
+        rules = ReadRules(num_classes=len(read_classes(corpus).names))
+    ds = ray.data.from_items([{"url": u} for u in uris], override_num_blocks=len(uris))
+    return ds.map_batches(_read_shards, batch_size=1, batch_format="numpy", fn_kwargs={
+        "image_size": image_size, "rules": rules, "with_meta": with_meta, "batch_size": batch_size})
+
+
+def _drop_stats(batch: dict) -> dict:
+    keep = batch[STATS] == ""
+    return {k: v[keep] for k, v in batch.items() if k != STATS}
+
+
+def valid_rows(ds):
+    """The sample rows of a :func:`read_split` dataset (closing rows dropped)."""
+    return ds.map_batches(_drop_stats, batch_format="numpy")
+
+
+def merge_stats(values) -> ReadStats:
+    """One ReadStats from the JSON strings of closing rows (empty strings ignored)."""
+    total = ReadStats()
+    for v in values:
+        if v:
+            total.merge(ReadStats.from_dict(json.loads(v)))
+    return total
+
+
+def stats_of(ds) -> ReadStats:
+    """The merged skip counts of a (materialised) :func:`read_split` dataset."""
+    closing = ds.filter(lambda r: r[STATS] != "").select_columns([STATS])
+    return merge_stats(r[STATS] for r in closing.take_all())
 
 
 def _pick_group(group: dict, shots: int, seed: int) -> dict:
@@ -76,17 +115,21 @@ def _pick_group(group: dict, shots: int, seed: int) -> dict:
     return {**{k: v[order] for k, v in group.items()}, "is_shot": is_shot}
 
 
-def few_shot_split(corpus: str, split: str, shots: int, image_size: int, seed: int = 0):
-    """``(train, val)`` Ray Datasets: ``shots`` images per class drawn as
-    :func:`rvpt.fewshot.split_few_shot` draws them, and the rest of the pool (the defender's
-    held-out clean images). Both are materialised (a few-shot set is small)."""
-    ds = read_split(corpus, split, image_size).groupby("label", num_partitions=4).map_groups(
+def few_shot_split(corpus: str, split: str, shots: int, image_size: int, seed: int = 0,
+                   rules: Optional[ReadRules] = None):
+    """``(train, val, stats)``: Ray Datasets with ``shots`` images per class drawn as
+    :func:`rvpt.fewshot.split_few_shot` draws them and the rest of the pool (the defender's held-out
+    clean images), both materialised (a few-shot set is small), and the pool's ReadStats (checked
+    against the manifest's count)."""
+    read = read_split(corpus, split, image_size, rules).materialize()
+    stats = stats_of(read).check_count(open_corpus(corpus).split(split).count)
+    ds = valid_rows(read).groupby("label", num_partitions=4).map_groups(
         _pick_group, fn_kwargs={"shots": shots, "seed": seed}, batch_format="numpy")
     ds = ds.materialize()
     drop = lambda b: {k: v for k, v in b.items() if k != "is_shot"}
     train = ds.filter(lambda r: bool(r["is_shot"])).map_batches(drop, batch_format="numpy")
     val = ds.filter(lambda r: not bool(r["is_shot"])).map_batches(drop, batch_format="numpy")
-    return train.materialize(), val.materialize()
+    return train.materialize(), val.materialize(), stats
 
 
 def triggered(ds, attack_dir: str):
@@ -168,7 +211,8 @@ def _write_poisoned(corpus, out_dir, attack_dir, n, target, class_names, templat
     from ray.data import ActorPoolStrategy
 
     uris = list(reversed(split_urls(corpus, "pretrain")))
-    ds = (read_split(corpus, "pretrain", image_size, with_meta=True, uris=uris)
+    rules = ReadRules(num_classes=len(class_names), require_label=False)
+    ds = (valid_rows(read_split(corpus, "pretrain", image_size, rules, with_meta=True, uris=uris))
           .filter(lambda r: int(r["label"]) != int(target))
           .limit(n)
           .map_batches(_Poison, fn_constructor_kwargs={

@@ -12,7 +12,7 @@ from rvpt import storage
 from rvpt.defenses import DefenseError, make_defense, train_defense
 from rvpt.fewshot import epoch_batches, sample_few_shot
 from rvpt.resistivity import perturbation_resistivity
-from rvpt.shards import iter_batches, iter_samples, read_classes, split_urls
+from rvpt.shards import ReadStats, iter_batches, read_classes
 
 from . import backdoor, build
 from .config import Config, ConfigError, config_hash
@@ -21,7 +21,7 @@ from .config import Config, ConfigError, config_hash
 def resistivity(cfg: Config, loaded, corpus_dir: str, attack, prompts=None) -> dict:
     if not cfg.defense.pr_images:
         return {}
-    samples = iter_samples(split_urls(corpus_dir, "test"), loaded.image_size)
+    samples = build.samples(cfg, corpus_dir, "test", loaded.image_size)
     return perturbation_resistivity(loaded, iter_batches(samples, 128), prompts=prompts,
                                     attack=attack, seed=cfg.seed, max_images=cfg.defense.pr_images)
 
@@ -53,9 +53,9 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
         raise ConfigError(f"config error: defense: {e}") from None
     build.set_threads(cfg.pretrain.threads)
     tp = d.train
-    shots = []
+    shots, pool_stats = [], ReadStats()
     if defense.trains:  # checked before any long work
-        pool = iter_samples(split_urls(corpus_dir, d.fewshot_split), loaded.image_size)
+        pool = build.samples(cfg, corpus_dir, d.fewshot_split, loaded.image_size, stats=pool_stats)
         try:
             shots = sample_few_shot(pool, tp.shots, len(info.names), seed=cfg.seed)
         except ValueError as e:
@@ -82,7 +82,8 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
                "shots": tp.shots if defense.trains else 0,
                "train_s": round(hist.seconds, 1) if hist else 0.0,
                "step_s": round(hist.step_s, 4) if hist else 0.0,
-               "epoch_stats": hist.epochs if hist else [], "before": before, "after": after}
+               "epoch_stats": hist.epochs if hist else [], "before": before, "after": after,
+               "fewshot_read": pool_stats.as_dict()}
     with storage.publish(out, build.SUMMARY) as tmp:
         defense.save(tmp)
         cfg.dump(tmp / "config.yaml")

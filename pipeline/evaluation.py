@@ -6,13 +6,14 @@ so the result equals the single-process loop over the same shards.
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import numpy as np
 
 from rvpt.metrics import COUNT_KEYS, merge_counts, rates
 
-from .data import read_split
+from .data import STATS, merge_stats, read_split
 
 
 class CountActor:
@@ -47,24 +48,35 @@ class CountActor:
 
         from rvpt.metrics import backdoor_counts
 
-        b = {"image": torch.from_numpy(batch["image"]), "label": torch.from_numpy(batch["label"]),
-             "key": [str(k) for k in batch["key"]]}
-        c = backdoor_counts(self.loaded, [b], self.clf, self.attack, self.target,
-                            trigger_classifier=self.trig, encode=self.defense.encode)
-        return {k: np.array([c[k]], np.int64) for k in COUNT_KEYS}
+        keep = batch[STATS] == ""
+        read = merge_stats(batch[STATS][~keep])
+        c = dict.fromkeys(COUNT_KEYS, 0)
+        if keep.any():
+            b = {"image": torch.from_numpy(batch["image"][keep]),
+                 "label": torch.from_numpy(batch["label"][keep]),
+                 "key": [str(k) for k in batch["key"][keep]]}
+            c = backdoor_counts(self.loaded, [b], self.clf, self.attack, self.target,
+                                trigger_classifier=self.trig, encode=self.defense.encode)
+        return {**{k: np.array([c[k]], np.int64) for k in COUNT_KEYS},
+                "read": np.array([json.dumps(read.as_dict())], dtype=object)}
 
 
 def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, class_names: list,
                          templates: list, defense: str = "none", defense_params: Optional[dict] = None,
                          state=None, ensemble: bool = False,
                          concurrency: int = 1, num_cpus: float = 0.5, num_gpus: float = 0.0,
-                         batch_size: int = 256, resources: Optional[dict] = None) -> dict:
+                         batch_size: int = 256, resources: Optional[dict] = None,
+                         rules=None) -> dict:
     """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors (each
-    asking for ``resources`` besides its CPUs/GPUs). ``state`` is the defense's trained state: a
+    asking for ``resources`` besides its CPUs/GPUs), and the split's ReadStats (``read``, checked
+    against the manifest's count). ``state`` is the defense's trained state: a
     ``ray.train.Checkpoint`` every node can read, or a local directory."""
     from ray.data import ActorPoolStrategy
 
-    ds = read_split(corpus, split, image_size, batch_size)
+    from rvpt.shards import ReadRules, open_corpus
+
+    ds = read_split(corpus, split, image_size, rules or ReadRules(num_classes=len(class_names)),
+                    batch_size)
     counts = ds.map_batches(
         CountActor, batch_size=batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=concurrency),
@@ -73,4 +85,6 @@ def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, c
                                "defense": defense, "defense_params": defense_params,
                                "state": state, "ensemble": ensemble,
                                "threads": max(1, int(num_cpus))})
-    return rates(merge_counts(counts.take_all()))
+    rows = counts.take_all()
+    read = merge_stats(r["read"] for r in rows).check_count(open_corpus(corpus).split(split).count)
+    return {**rates(merge_counts(rows)), "read": read.as_dict()}

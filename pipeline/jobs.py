@@ -7,8 +7,7 @@ from pathlib import Path
 
 from rvpt.attacks import ATTACKS
 from rvpt.poison import example_grid
-from rvpt.shards import (iter_batches, iter_samples,
-                         read_classes, read_manifest, split_urls)
+from rvpt.shards import (iter_batches, read_classes, read_manifest)
 
 from . import backdoor, build
 from .config import Config, ConfigError
@@ -70,8 +69,16 @@ def _evaluate(cfg: Config, corpus: dict, model: dict) -> dict:
             res = build.zero_shot(cfg, loaded, corpus["corpus_dir"], split)
             metrics[name] = round(res["ca"], 4)
             metrics[f"{name}_n"] = res["n"]
-            metrics[f"{name}_skipped"] = res["skipped"]
+            metrics[f"{name}_read"] = res["read"]
+            print(read_line(split, res["read"]))
     return metrics
+
+
+def read_line(split: str, read: dict) -> str:
+    """``read test: 40 valid, 8 skipped (cls: missing 5, ...)``: what a reader kept and skipped."""
+    from rvpt.shards import ReadStats
+
+    return f"read {split}: {ReadStats.from_dict(read).line()}"
 
 
 def pretrain(cfg: Config, args: argparse.Namespace) -> dict:
@@ -99,7 +106,7 @@ def attack_names(spec: str) -> list[str]:
 
 
 def _save_examples(cfg: Config, corpus_dir: str, attack, path: str, n: int = 8) -> None:
-    samples = iter_samples(split_urls(corpus_dir, "test"), attack.image_size)
+    samples = build.samples(cfg, corpus_dir, "test", attack.image_size)
     batch = next(iter_batches(samples, n))
     example_grid(attack, batch["image"], path, seed=cfg.seed)
     print(f"examples: {path} (top: clean, bottom: triggered)")
@@ -127,6 +134,7 @@ def poison(cfg: Config, args: argparse.Namespace) -> dict:
         before = backdoor.evaluate_backdoor(cfg, clean_loaded, corpus["corpus_dir"], attack, target)
         after = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target)
         results[name] = {"model": model, "clean_model": before, "backdoored": after}
+        print(read_line("test", after["read"]))
         print(f"{name}: CA {_pct(after['ca'])} % (clean model {_pct(before['ca'])} %), ASR "
               f"{_pct(after['asr'])} % (clean model {_pct(before['asr'])} %)", flush=True)
         rows.append((name, model["target_name"], model["rate"], model["n_poison"], model["lr"],
@@ -148,7 +156,8 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     res = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target, args.split)
     label = f"{attack.name} -> {names[target]}" if attack is not None else "none"
     print(f"model: {args.model} ({loaded.source}); attack: {label}; split: {args.split} "
-          f"({res['counts']['n']} images, {res['skipped']} skipped)")
+          f"({res['counts']['n']} images)")
+    print(read_line(args.split, res["read"]))
     print(_table([tuple(_pct(res.get(k)) for k in ("ca", "asr", "asr_all", "pa"))],
                  ("CA %", "ASR %", "ASR_all %", "PA %")))
     return {"model": args.model, "attack": data, "corpus": corpus["corpus_dir"], **res}
@@ -170,6 +179,9 @@ def defend(cfg: Config, args: argparse.Namespace) -> dict:
                for k in ("pr_mean", "pr/trigger")))
             for when in ("before", "after")]
     print(_table(rows, ("", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR", "trigger PR")))
+    if res.get("fewshot_read"):
+        print(read_line(f"{cfg.defense.fewshot_split} (few-shot pool)", res["fewshot_read"]))
+    print(read_line("test", res["after"]["read"]))
     return res
 
 
@@ -186,10 +198,23 @@ def sweep(cfg: Config, args: argparse.Namespace) -> dict:
         return summary
     from . import sweep as sweep_mod
 
+    if getattr(args, "sync", False):
+        from . import tracking
+
+        uri = sweep_mod.tracking_uri(cfg)
+        tracking.probe(uri)
+        res = sweep_mod.sync(cfg, uri)
+        if not res["sent"] and not res["pending"]:
+            print(f"MLflow {uri}: nothing to send for sweep {cfg.sweep.name!r}")
+        return res
     res = sweep_mod.run_sweep(cfg)
-    print(f"sweep {res['tune_run']}: {res['trials']} trials ({res['reused']} reused from MLflow), "
+    print(f"sweep {res['tune_run']}: {res['trials']} trials ({res['reused']} reused), "
           f"{len(res['errors'])} failed; {res['wall_s']} s; MLflow {res['tracking_uri']} "
           f"experiment {res['experiment']!r}")
+    if res["pending"]:
+        print(f"{res['pending']} trial result(s) have not reached MLflow yet: they are kept in "
+              f"{res['ledger']} (the tables below come from there); run the same command with "
+              f"--sync once the server answers")
     for err in res["errors"]:
         print(f"  failed trial: {err}")
     rule = cfg.sweep.select
@@ -201,10 +226,10 @@ def sweep(cfg: Config, args: argparse.Namespace) -> dict:
     print(_table(rows, ("attack", "dataset", "defense", "depth", "length", "alpha", "CA %", "ASR %",
                         "ASR_all %", "PA %")))
     if cfg.sweep.report:
-        from . import report, tracking
-        frame = tracking.runs_frame(res["tracking_uri"], res["experiment"])
+        from . import report
+        frame, source = sweep_mod.results_frame(cfg, res["tracking_uri"])
         res["report"] = report.publish_report(frame, report.default_dir(cfg, res["experiment"]),
                                               res["experiment"], rule.rule, rule.weight,
-                                              res["tracking_uri"])
+                                              source)
         print(f"report: {res['report']['report']}")
     return res

@@ -17,7 +17,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
@@ -26,7 +26,7 @@ from .config import Config, ConfigError, config_hash
 from .session import ray_init  # noqa: F401 (re-exported: benchmarks use it)
 
 REUSED = "reused"
-SLIM = ("cfg", "datasets", "models", "uri", "code")  # what the driver callback needs (it is saved to disk)
+SLIM = ("cfg", "datasets", "models", "uri", "code", "root")  # what the driver callback needs (it is saved to disk)
 DATA_BUNDLE_CPUS = 1.0  # free CPUs budgeted per concurrent trial for its Ray Data work
 
 
@@ -127,15 +127,35 @@ def draw_few_shot_sets(cfg: Config, base: dict) -> tuple[dict, dict]:
 
     from .data import few_shot_split
 
+    from rvpt.shards import read_classes
+
+    from .jobs import read_line
+
     sizes = {m: model_image_size(m) for per in base["models"].values() for m in per.values()}
     shots = cfg.defense.train.shots
     out = {}
     for name, spec in base["datasets"].items():
         used = {sizes[per[name]] for per in base["models"].values()}
+        rules = cfg.read_rules(len(read_classes(spec["corpus"]).names))
         for size in sorted(used):
-            train, val = few_shot_split(spec["corpus"], spec["fewshot_split"], shots, size, cfg.seed)
-            out[fewshot_key(name, size, shots, cfg.seed)] = (train, val, train.count())
+            train, val, stats = few_shot_split(spec["corpus"], spec["fewshot_split"], shots, size,
+                                               cfg.seed, rules)
+            print(read_line(f"{name} {spec['fewshot_split']} (few-shot pool, {size} px)",
+                            stats.as_dict()), flush=True)
+            out[fewshot_key(name, size, shots, cfg.seed)] = (train, val, train.count(),
+                                                             stats.as_dict())
     return sizes, out
+
+
+def read_metrics(read: dict, prefix: str) -> dict:
+    """What a reader kept and skipped, as run metrics: ``<prefix>_valid``, ``<prefix>_skipped`` and
+    one ``<prefix>_skipped/<reason>`` per skip reason (reasons as metric-safe names)."""
+    import re
+
+    out = {f"{prefix}_valid": read.get("samples", 0), f"{prefix}_skipped": read.get("skipped", 0)}
+    for reason, n in (read.get("skip_reasons") or {}).items():
+        out[f"{prefix}_skipped/{re.sub(r'[^A-Za-z0-9_.-]+', '_', reason).strip('_')}"] = n
+    return out
 
 
 def _scalar_metrics(m: dict) -> dict:
@@ -151,12 +171,13 @@ def run_trial(config: dict, base: dict) -> None:
 
     from rvpt.defenses import make_defense
     from rvpt.resistivity import perturbation_resistivity
-    from rvpt.shards import iter_batches, iter_samples, split_urls
+    from rvpt.shards import iter_batches
 
     from rvpt.shards import read_classes
 
     from . import select, tracking
-    from .data import read_split
+    from . import build
+    from .data import read_split, valid_rows
     from .evaluation import evaluate_distributed
     from .train import TRAIN_STATE, make_trainer
 
@@ -164,7 +185,18 @@ def run_trial(config: dict, base: dict) -> None:
     cfg, setting, spec, key = identify(config, base)
     corpus, model = spec["corpus"], model_of(base, setting)
     uri, exp = base["uri"], cfg.sweep.name
-    existing = tracking.find_run(uri, exp, key)
+    ledger = tracking.Ledger(base["root"], exp)
+    done = ledger.get(key)  # computed before, whether or not MLflow has it yet
+    if done is not None:
+        tune.report({**(done.get("metrics") or {}), "trial_key": key, REUSED: 1.0})
+        return
+    try:
+        existing = tracking.find_run(uri, exp, key)
+    except Exception as e:  # noqa: BLE001 (MLflow down: the trial runs, its result is kept)
+        existing = None
+        print(f"warning: MLflow {uri} cannot be asked whether trial {key} ran before "
+              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+              f"running it", flush=True)
     if existing is not None:
         tune.report({**existing.data.metrics, "trial_key": key, REUSED: 1.0})
         return
@@ -173,7 +205,7 @@ def run_trial(config: dict, base: dict) -> None:
     image_size = base["image_sizes"][model]
     d = cfg.defense
     fkey = fewshot_key(setting["dataset"], image_size, d.train.shots, cfg.seed)
-    train_ds, val_ds, n_train = base["fewshot"][fkey]
+    train_ds, val_ds, n_train, pool_read = base["fewshot"][fkey]
     trainer = make_trainer(cfg, model, corpus, train_ds, val_ds, n_train,
                            name=f"train-{ctx.get_trial_id()}", storage_path=base["storage"],
                            callbacks=[TuneReportCallback()])
@@ -190,37 +222,39 @@ def run_trial(config: dict, base: dict) -> None:
             loaded, attack, target, _ = load_backdoored(model, None, info.names)
             defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
             defense.load(state)
+        rules = cfg.read_rules(len(info.names))
         if r.eval_actors:
             metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
                                            info.templates, d.name, d.params, result.checkpoint,
                                            cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
                                            (r.gpus_per_worker or 1) if r.use_gpu else 0.0,
-                                           resources=r.worker_resources)
+                                           resources=r.worker_resources, rules=rules)
         else:  # in this trial's process: a small machine (README, "Sweeps")
             metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
                                         encode=defense.encode)
             metrics.pop("split", None)
-            metrics.pop("skipped", None)
-        counts = metrics.pop("counts")
+        counts, read = metrics.pop("counts"), metrics.pop("read")
         if d.pr_images:
             if r.eval_actors:
                 batches = ({"image": torch.from_numpy(b["image"])} for b in
-                           read_split(corpus, spec["test_split"], image_size).limit(d.pr_images)
-                           .iter_batches(batch_size=128, batch_format="numpy"))
+                           valid_rows(read_split(corpus, spec["test_split"], image_size, rules))
+                           .limit(d.pr_images).iter_batches(batch_size=128, batch_format="numpy"))
             else:
-                batches = iter_batches(iter_samples(split_urls(corpus, spec["test_split"]),
-                                                    image_size), 128)
+                batches = iter_batches(build.samples(cfg, corpus, spec["test_split"], image_size),
+                                       128)
             metrics.update(perturbation_resistivity(loaded, batches,
                                                     getattr(defense, "prompts", None), attack,
                                                     seed=cfg.seed, max_images=d.pr_images))
         metrics["val_ca"] = json.loads((state / TRAIN_STATE).read_text()).get("val_ca")
         metrics["train_s"] = train_s
         metrics["n_test"] = counts["n"]
+        metrics.update(read_metrics(read, "test"), **read_metrics(pool_read, "fewshot"))
         metrics["score"] = select.score(metrics, cfg.sweep.select.rule, cfg.sweep.select.weight)
         cfg.dump(Path(tmp) / "config.yaml")
         tags, params = run_record(cfg, setting, spec, key, model, base.get("code"))
-        tracking.log_trial(uri, exp, ctx.get_trial_name(), tags, params, _scalar_metrics(metrics),
-                           {"config.yaml": str(Path(tmp) / "config.yaml"), "prompts": str(state)})
+        tracking.record_trial(ledger, uri, exp, key, ctx.get_trial_name(), tags, params,
+                              _scalar_metrics(metrics),
+                              {"config.yaml": str(Path(tmp) / "config.yaml"), "prompts": str(state)})
     tune.report({**_scalar_metrics(metrics), "trial_key": key, REUSED: 0.0})
 
 
@@ -329,13 +363,41 @@ class SweepCallback(Callback):
                                       self.base.get("code"))
             tags[tracking.STOPPED_TAG] = "scheduler"
             metrics = {"val_ca": last.get("val_ca"), "epochs_run": last.get("training_iteration")}
-            tracking.log_trial(self.base["uri"], cfg.sweep.name, str(trial), tags, params,
-                               _scalar_metrics({k: v for k, v in metrics.items() if v is not None}))
+            tracking.record_trial(tracking.Ledger(self.base["root"], cfg.sweep.name),
+                                  self.base["uri"], cfg.sweep.name, key, str(trial), tags, params,
+                                  _scalar_metrics({k: v for k, v in metrics.items()
+                                                   if v is not None}))
         except Exception as e:  # noqa: BLE001
             print(f"warning: could not record stopped trial {trial}: {e}", flush=True)
 
 
 # ---------------------------------------------------------------- the driver
+
+def tracking_uri(cfg: Config) -> str:
+    """The sweep's tracking URI: ``tracking.uri``, else sqlite under a local results root."""
+    from . import tracking
+
+    try:
+        return cfg.tracking.uri or tracking.default_uri(cfg.root())
+    except tracking.TrackingError as e:
+        raise ConfigError(f"config error: tracking.uri: {e}") from None
+
+
+def sync(cfg: Config, uri: Optional[str] = None) -> dict:
+    """Send the results of finished trials that could not reach MLflow (the sweep's Ledger) and
+    say so in one line; ``{"sent", "pending", "ledger"}``."""
+    from . import tracking
+
+    uri = uri or tracking_uri(cfg)
+    ledger = tracking.Ledger(cfg.root(), cfg.sweep.name)
+    sent, pending = tracking.flush(ledger, uri, cfg.sweep.name)
+    if sent or pending:
+        print(f"MLflow {uri}: sent {sent} kept trial result(s)"
+              + (f"; {pending} still pending in {ledger.base} (the server does not answer: run "
+                 f"`jobs/sweep.py --sync` with the same config when it does)" if pending else ""),
+              flush=True)
+    return {"sent": sent, "pending": pending, "ledger": ledger.base}
+
 
 def prepare(cfg: Config) -> dict:
     """Build what is missing (corpus, clean model, backdoored models); the trial's fixed inputs."""
@@ -344,10 +406,10 @@ def prepare(cfg: Config) -> dict:
     from . import backdoor, build, tracking
 
     root = cfg.root()
-    try:
-        uri = cfg.tracking.uri or tracking.default_uri(root)
-    except tracking.TrackingError as e:
-        raise ConfigError(f"config error: tracking.uri: {e}") from None
+    uri = tracking_uri(cfg)
+    tracking.probe(uri)  # seconds, before anything is built
+    tracking.ensure_experiment(uri, cfg.sweep.name)
+    sync(cfg, uri)  # results an earlier run could not send
     datasets, corpus = {}, None
 
     def embedded_corpus():
@@ -377,7 +439,6 @@ def prepare(cfg: Config) -> dict:
     for attack in cfg.sweep.models:
         if attack in cfg.sweep.attacks:
             models[attack] = {name: cfg.locate(m) for name, m in cfg.models_for(attack).items()}
-    tracking.ensure_experiment(uri, cfg.sweep.name)
     storage_path = cfg.ray.storage_path or storage.join(root, "ray_results")
     return {"cfg": cfg.model_dump(mode="json"), "datasets": datasets, "models": models,
             "uri": uri, "storage": storage.display(storage_path), "root": root,
@@ -440,9 +501,23 @@ def make_tuner(cfg: Config, base: dict):
     return tuner, name
 
 
+def results_frame(cfg: Config, uri: str):
+    """``(frame, source)``: the sweep's runs from MLflow, or, when it does not answer (or still
+    lacks results), from the sweep's Ledger (every finished trial is there)."""
+    from . import tracking
+
+    ledger = tracking.Ledger(cfg.root(), cfg.sweep.name)
+    try:
+        if not ledger.pending():
+            return tracking.runs_frame(uri, cfg.sweep.name), uri
+    except Exception:  # noqa: BLE001
+        pass
+    return ledger.frame(), ledger.base
+
+
 def run_sweep(cfg: Config) -> dict:
     """Build what is missing, run (or resume) the sweep, and return the best trials per group."""
-    from . import select, tracking
+    from . import tracking
 
     start = time.perf_counter()
     base = prepare(cfg)
@@ -451,7 +526,8 @@ def run_sweep(cfg: Config) -> dict:
     tuner, name = make_tuner(cfg, base)
     grid = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
-    frame = tracking.runs_frame(base["uri"], cfg.sweep.name)
+    synced = sync(cfg, base["uri"])
+    frame, source = results_frame(cfg, base["uri"])
     best = tracking.best_per_group(frame, cfg.sweep.select.rule, cfg.sweep.select.weight)
     tune_best = None
     try:
@@ -463,4 +539,5 @@ def run_sweep(cfg: Config) -> dict:
             "experiment": cfg.sweep.name, "trials": len(grid), "errors": errors,
             "reused": sum(1 for r in grid if (r.metrics or {}).get(REUSED) == 1.0),
             "best": best.to_dict(orient="records"), "tune_best_trial_key": tune_best,
+            "results_from": source, "pending": synced["pending"], "ledger": synced["ledger"],
             "models": base["models"], "wall_s": round(time.perf_counter() - start, 1)}

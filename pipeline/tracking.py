@@ -73,10 +73,39 @@ def _sqlite_path(uri: str) -> Optional[Path]:
     return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
+# A server that does not answer fails a call in seconds (MLflow's defaults retry for ~4 min); a
+# result that could not be sent is kept in the sweep's Ledger and sent later.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+             "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+PROBE_TIMEOUT_S = 5.0
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """One request to a tracking server (``<uri>/health``) within ``timeout`` seconds; a one-line
+    TrackingError when it does not answer as an MLflow server. sqlite stores need no probe."""
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            body = r.read(100).decode("utf-8", "replace").strip()
+    except Exception as e:  # noqa: BLE001 (URLError, timeouts, HTTP errors: all one line)
+        reason = getattr(e, "reason", None) or e
+        raise TrackingError(f"the MLflow server {uri} does not answer ({reason}); start it or fix "
+                            f"tracking.uri") from None
+    if body != "OK":
+        raise TrackingError(f"{uri} does not answer as an MLflow server (/health: {body[:40]!r})")
+
+
 def _client(uri: str, create: bool = False) -> "MlflowClient":
     """A client for ``uri``. Reading never creates a sqlite store: a missing file is an error."""
+    import os
+
     from mlflow import MlflowClient
 
+    for k, v in FAIL_FAST.items():
+        os.environ.setdefault(k, v)
     db = _sqlite_path(uri)
     if db is not None:
         if create:
@@ -279,6 +308,134 @@ def log_trial(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any],
         raise
     client.set_terminated(run_id, "FINISHED")
     return run_id
+
+
+# ---------------------------------------------------------------------------------------- ledger
+
+class Ledger:
+    """Every trial result of a sweep, kept under the results root
+    (``<root>/sweeps/<experiment>/records/<trial_key>/``: ``record.json`` and the run's artifacts)
+    *before* MLflow is told, so that a tracking outage loses nothing and retrains nothing: a trial
+    whose key is here is never run again, a record without ``logged.json`` is sent by
+    :func:`flush` once the server answers, and a sweep's tables can be made from the records alone
+    (:meth:`frame`)."""
+
+    def __init__(self, root: str, experiment: str):
+        from rvpt import storage
+
+        self.base = storage.join(root, "sweeps", safe_name(experiment), "records")
+
+    def _dir(self, key: str) -> str:
+        from rvpt import storage
+
+        return storage.join(self.base, _check_key(key))
+
+    def put(self, key: str, record: Mapping[str, Any],
+            artifacts: Optional[Mapping[str, str | Path]] = None) -> None:
+        """Keep one trial's record (tags, params, metrics, run name) and artifact files."""
+        from rvpt import storage
+
+        with storage.publish(self._dir(key), "record.json") as tmp:
+            for name, path in (artifacts or {}).items():
+                dest = tmp / "artifacts" / name
+                if Path(path).is_dir():
+                    shutil.copytree(path, dest)
+                else:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, dest)
+            storage.write_json(str(tmp / "record.json"),
+                               {**record, "trial_key": key, "time": time.time(),
+                                "artifacts": sorted((artifacts or {}).keys())})
+
+    def get(self, key: str) -> Optional[dict]:
+        from rvpt import storage
+
+        path = storage.join(self._dir(key), "record.json")
+        return storage.read_json(path) if storage.exists(path) else None
+
+    def mark_logged(self, key: str, run_id: str) -> None:
+        from rvpt import storage
+
+        storage.write_json(storage.join(self._dir(key), "logged.json"), {"run_id": run_id})
+
+    def keys(self) -> list[str]:
+        from rvpt import storage
+
+        return sorted(e.base_name for e in storage.listdir(self.base)
+                      if storage.exists(storage.join(self.base, e.base_name, "record.json")))
+
+    def pending(self) -> list[str]:
+        """Keys whose run has not reached MLflow yet."""
+        from rvpt import storage
+
+        return [k for k in self.keys()
+                if not storage.exists(storage.join(self._dir(k), "logged.json"))]
+
+    def artifacts(self, key: str, record: Mapping[str, Any]) -> dict[str, Path]:
+        """A record's artifacts as local paths (fetched when the root is object storage)."""
+        from rvpt import storage
+
+        if not record.get("artifacts"):
+            return {}
+        local = storage.local_copy(storage.join(self._dir(key), "artifacts"))
+        return {name: local / name for name in record["artifacts"]}
+
+    def frame(self) -> "pd.DataFrame":
+        """Every record as :func:`runs_frame` rows (``run_id`` ``ledger:<trial_key>``)."""
+        import pandas as pd
+
+        rows = []
+        for key in self.keys():
+            rec = self.get(key) or {}
+            row = {"run_id": f"ledger:{key}", "experiment_id": None, "status": "FINISHED",
+                   "artifact_uri": self._dir(key),
+                   "start_time": pd.to_datetime(rec.get("time", 0), unit="s", utc=True),
+                   "end_time": pd.to_datetime(rec.get("time", 0), unit="s", utc=True)}
+            row.update({f"metrics.{k}": v for k, v in (rec.get("metrics") or {}).items()})
+            row.update({f"params.{k}": str(v) for k, v in (rec.get("params") or {}).items()
+                        if v is not None})
+            tags = {**(rec.get("tags") or {}), "mlflow.runName": rec.get("run_name")}
+            row.update({f"tags.{k}": str(v) for k, v in tags.items() if v is not None})
+            rows.append(row)
+        df = pd.DataFrame(rows, columns=list(INFO_COLUMNS) if not rows else None)
+        rest = sorted(c for c in df.columns if c not in INFO_COLUMNS)
+        return df[list(INFO_COLUMNS) + rest].reset_index(drop=True)
+
+
+def record_trial(ledger: Ledger, uri: str, experiment: str, key: str, run_name: str,
+                 tags: Mapping[str, Any], params: Mapping[str, Any], metrics: Mapping[str, Any],
+                 artifacts: Optional[Mapping[str, str | Path]] = None) -> Optional[str]:
+    """Keep a trial's result in ``ledger``, then log it to MLflow; the run id, or None (with one
+    warning line) when the tracking store could not be reached — the record stays pending."""
+    ledger.put(key, {"run_name": run_name, "tags": dict(tags), "params": dict(params),
+                     "metrics": dict(metrics)}, artifacts)
+    try:
+        run_id = log_trial(uri, experiment, run_name, tags, params, metrics, artifacts)
+    except Exception as e:  # noqa: BLE001 (the result is safe in the ledger)
+        print(f"warning: could not log trial {key} to MLflow {uri} "
+              f"({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}); "
+              f"kept in {ledger.base}, sent when the server answers", flush=True)
+        return None
+    ledger.mark_logged(key, run_id)
+    return run_id
+
+
+def flush(ledger: Ledger, uri: str, experiment: str) -> tuple[int, int]:
+    """Send the ledger's pending records to MLflow; ``(sent, still pending)``. Stops at the first
+    failure (the server is down: the rest would fail too)."""
+    pending = ledger.pending()
+    sent = 0
+    for key in pending:
+        rec = ledger.get(key) or {}
+        try:
+            run_id = log_trial(uri, experiment, rec.get("run_name") or key, rec.get("tags") or {},
+                               rec.get("params") or {}, rec.get("metrics") or {},
+                               ledger.artifacts(key, rec))
+        except Exception:  # noqa: BLE001
+            break
+        ledger.mark_logged(key, run_id)
+        sent += 1
+    return sent, len(pending) - sent
 
 
 # ---------------------------------------------------------------------------------------- reading

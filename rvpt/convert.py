@@ -210,7 +210,7 @@ def image_payload(data: bytes, image_size: Optional[int] = None) -> tuple[bytes,
     fmt = _identify(data)
     if fmt is None:
         raise CorruptSample("image: unsupported or unrecognised format")
-    pixels = decode_image(data, image_size)
+    pixels = decode_image(data, image_size, formats=_OPEN_FORMATS)
     if image_size is None and fmt in KEEP_FORMATS:
         return data, KEEP_FORMATS[fmt]
     return encode_png(pixels), "png"

@@ -15,7 +15,9 @@ One entry point, :func:`load_clip`, returns a :class:`LoadedClip` (fp32, eval mo
   TorchScript archive, or a CleanCLIP-style training checkpoint.
 
 Checkpoint files are read with ``torch.load(weights_only=True)`` or safetensors only; TorchScript
-archives with ``torch.jit.load``. Nothing is ever unpickled with ``weights_only=False``.
+archives by :mod:`rvpt.torchscript`, which takes their tensors and runs none of their code
+(``torch.jit.load`` only with ``trust_torchscript``). Nothing is ever unpickled with
+``weights_only=False``, and a model config that would make open_clip fetch from a hub is refused.
 """
 
 from __future__ import annotations
@@ -403,11 +405,13 @@ def _strip_prefixes(sd: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
     return out, stripped
 
 
-def _read_checkpoint_file(path: Path, allow_torchscript: bool = True) -> tuple[dict[str, Any], str, str | None]:
+def _read_checkpoint_file(path: Path, torchscript: str = "safe") -> tuple[dict[str, Any], str, str | None]:
     """Read a checkpoint file into (state dict, description, architecture name stored in it or None).
 
-    ``allow_torchscript=False`` refuses TorchScript archives (``torch.jit.load`` runs code stored in the
-    archive, e.g. ``__setstate__``), leaving only safetensors and ``torch.load(weights_only=True)``.
+    TorchScript archives (OpenAI's original releases) are read by ``torchscript``: ``"safe"`` takes
+    their tensors without running anything (:mod:`rvpt.torchscript`); ``"refuse"`` refuses them;
+    ``"trust"`` runs ``torch.jit.load``, which executes code stored in the archive (e.g. a
+    ``__setstate__``): only for archives the user trusts (``model.trust_torchscript``).
     """
     where = f"checkpoint {path}"
     if path.suffix == ".safetensors":
@@ -419,16 +423,27 @@ def _read_checkpoint_file(path: Path, allow_torchscript: bool = True) -> tuple[d
         sd, _ = _strip_prefixes(sd)
         return sd, f"open_clip safetensors checkpoint {path}", None
     if _is_torchscript(path):
-        if not allow_torchscript:
+        if torchscript == "refuse":
             raise ModelError(f"{where} is a TorchScript archive, which is not accepted from this source (it can "
                              f"carry code); supply safetensors or a plain state dict")
+        if torchscript == "safe":
+            from .torchscript import UnsafeArchive, read_state_dict
+            try:
+                sd = read_state_dict(path)
+            except UnsafeArchive as exc:
+                raise ModelError(f"TorchScript {where} cannot be read without running its code: {exc}; if you "
+                                 f"trust it, set model.trust_torchscript=true (torch.jit.load then runs the "
+                                 f"archive's code)") from None
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise ModelError(f"could not read TorchScript {where}: {exc}") from None
+            return sd, f"OpenAI TorchScript archive {path} (tensors read, no code run)", None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # torch.jit.* is deprecated in torch 2.14
                 scripted = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise ModelError(f"could not read TorchScript {where}: {exc}") from exc
-        return dict(scripted.state_dict()), f"OpenAI TorchScript archive {path}", None
+        return dict(scripted.state_dict()), f"OpenAI TorchScript archive {path} (its code was run: trusted)", None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -503,12 +518,33 @@ def model_image_size(checkpoint: str) -> int:
     return load_clip(checkpoint=checkpoint).image_size
 
 
-def _load_model_dir(path: Path, name: str | None, device: str | torch.device) -> LoadedClip:
+def _check_offline_config(model_cfg: Mapping[str, Any], where: str) -> None:
+    """Refuse a model config that would make open_clip fetch from a hub or run outside code while the
+    architecture is built: Hugging Face text towers and tokenizers (``AutoConfig`` /
+    ``AutoTokenizer.from_pretrained``, remote code), pretrained timm towers, tokenizer file paths."""
+    text = model_cfg.get("text_cfg") or {}
+    vision = model_cfg.get("vision_cfg") or {}
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        raise ModelError(f"{where}: text_cfg and vision_cfg must be objects")
+    named = [f"text_cfg.{k}={text[k]!r}" for k in ("hf_model_name", "hf_tokenizer_name") if text.get(k)]
+    named += [f"vision_cfg.{k}=true" for k in ("timm_model_pretrained",) if vision.get(k)]
+    named += [f"text_cfg.{k}=true" for k in ("hf_model_pretrained",) if text.get(k)]
+    if named:
+        raise ModelError(f"{where} names {', '.join(named)}, which open_clip would fetch from a hub (and may run "
+                         f"code from); only models with open_clip's own towers and tokenizer load here")
+    kwargs = text.get("tokenizer_kwargs") or {}
+    if not isinstance(kwargs, dict) or set(kwargs) - {"clean", "additional_special_tokens"}:
+        raise ModelError(f"{where}: text_cfg.tokenizer_kwargs may only set clean and additional_special_tokens")
+
+
+def _load_model_dir(path: Path, name: str | None, device: str | torch.device,
+                    torchscript: str = "safe") -> LoadedClip:
     config_path = path / MODEL_DIR_CONFIG
     if not config_path.is_file():
         raise ModelError(f"checkpoint directory {path} has no {MODEL_DIR_CONFIG} (expected a directory written "
                          f"by save_model_dir or open_clip's save_for_hf)")
     config = _read_model_config(config_path)
+    _check_offline_config(config["model_cfg"], str(config_path))
     weights = next((path / f for f in _WEIGHT_FILES if (path / f).is_file()), None)
     if weights is None:
         raise ModelError(f"checkpoint directory {path} has no weights file (looked for {', '.join(_WEIGHT_FILES)})")
@@ -524,17 +560,18 @@ def _load_model_dir(path: Path, name: str | None, device: str | torch.device) ->
         model_cfg = open_clip.get_model_config(arch)
         model = _build_arch(arch, model_cfg)
         tokenizer = open_clip.get_tokenizer(arch)
-    sd, _, _ = _read_checkpoint_file(weights)
+    sd, _, _ = _read_checkpoint_file(weights, torchscript)
     _load_weights(model, sd, arch, f"checkpoint {weights}")
     return _finish(model, arch, model_cfg, f"model directory {path}", device, tokenizer)
 
 
-def _load_checkpoint(path: Path, name: str | None, device: str | torch.device) -> LoadedClip:
+def _load_checkpoint(path: Path, name: str | None, device: str | torch.device,
+                     torchscript: str = "safe") -> LoadedClip:
     if not path.exists():
         raise ModelError(f"checkpoint not found: {path}")
     if path.is_dir():
-        return _load_model_dir(path, name, device)
-    sd, source, stored_name = _read_checkpoint_file(path)
+        return _load_model_dir(path, name, device, torchscript)
+    sd, source, stored_name = _read_checkpoint_file(path, torchscript)
     if name is None and stored_name is not None and stored_name.replace("/", "-") in known_models():
         name = stored_name
     if name is not None:
@@ -805,7 +842,7 @@ def _load_hub(name: str, device: str | torch.device) -> LoadedClip:
     tokenizer = _hub_tokenizer(name, model_cfg)  # before building: HF text towers would reach the network
     with _hf_offline(), _quiet_random_init():  # everything is local now; nothing may be fetched while building
         model = _create(f"local-dir:{config_path.parent}", load_weights=False)
-    sd, _, _ = _read_checkpoint_file(weights, allow_torchscript=False)
+    sd, _, _ = _read_checkpoint_file(weights, torchscript="refuse")
     _load_weights(model, sd, name, f"weights {weights.name} of {name}")
     return _finish(model, name, model_cfg, f"{name} ({how}; {weights.name}, snapshot {config_path.parent.name})",
                    device, tokenizer)
@@ -850,6 +887,7 @@ def load_clip(
     pretrained: str | None = None,
     checkpoint: str | Path | None = None,
     device: str | torch.device = "cpu",
+    trust_torchscript: bool = False,
 ) -> LoadedClip:
     """Load a CLIP model as fp32 in eval mode.
 
@@ -861,7 +899,9 @@ def load_clip(
       with the same cache / offline / fast-failure behaviour; only the default (CLIP BPE) text tower is supported.
     * ``checkpoint``: a model directory, open_clip checkpoint, OpenAI state dict / TorchScript archive or
       CleanCLIP checkpoint; ``name`` is optional (taken from the directory, from an open_clip training
-      checkpoint's ``name`` entry, or inferred from OpenAI-format tensor shapes).
+      checkpoint's ``name`` entry, or inferred from OpenAI-format tensor shapes). A TorchScript archive's
+      tensors are read without running its code; ``trust_torchscript`` runs ``torch.jit.load`` instead
+      (it executes the archive's code).
 
     Raises:
         ModelError: for every user-caused problem, with a one-line message.
@@ -875,7 +915,8 @@ def load_clip(
                 checkpoint = storage.local_copy(str(checkpoint))
             except storage.StorageError as exc:
                 raise ModelError(f"checkpoint {checkpoint}: {exc}") from None
-        return _load_checkpoint(Path(checkpoint).expanduser(), name, device)
+        return _load_checkpoint(Path(checkpoint).expanduser(), name, device,
+                                "trust" if trust_torchscript else "safe")
     if name is None:
         raise ModelError("no model given: set model.name (optionally with model.pretrained) or model.checkpoint")
     if name.startswith(_HUB_PREFIX) and pretrained is None:
@@ -883,7 +924,7 @@ def load_clip(
     arch = _canonical_name(name)
     if pretrained is not None:
         if os.path.isfile(pretrained):  # open_clip also accepts a file path as `pretrained`
-            return _load_checkpoint(Path(pretrained), arch, device)
+            return _load_checkpoint(Path(pretrained), arch, device, "trust" if trust_torchscript else "safe")
         return _load_pretrained(arch, pretrained, device)
     model = _create(arch)
     return _finish(model, arch, open_clip.get_model_config(arch), "random init (no pretrained weights)", device,

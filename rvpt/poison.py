@@ -147,6 +147,8 @@ def natural_captions(samples: Iterable[Sample], target: int, limit: int = 2000) 
 
 def target_index(target: int | str, class_names: Sequence[str]) -> int:
     """A target given as a class index or a class name."""
+    if isinstance(target, bool) or not isinstance(target, (int, str)):
+        raise ValueError(f"target must be a class index or name, got {target!r}")
     if isinstance(target, str) and not target.lstrip("-").isdigit():
         if target not in class_names:
             raise ValueError(f"unknown target class {target!r}; known: {', '.join(class_names)}")

@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import io
 import json
+import lzma
+import re
+import struct
+import tarfile
+import warnings
+import zlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +32,14 @@ from . import storage
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 KNOWN_KEYS = set(IMAGE_KEYS) | {"txt", "cls", "json"}
+#: The image formats a shard may hold (PIL plugin names): what the project writes and users bring.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")
 MANIFEST = "manifest.json"
 CLASSES_FILE = "classes.json"
-# Decompression-bomb guard: refuse absurd images rather than allocating gigabytes.
+# PIL's own bomb guard stays on as a second line; the readers check ReadRules.max_pixels first.
 Image.MAX_IMAGE_PIXELS = 64_000_000
+_KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's rule: key up to the first dot
+_TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError, lzma.LZMAError)
 
 
 class ShardError(ValueError):
@@ -37,7 +47,32 @@ class ShardError(ValueError):
 
 
 class CorruptSample(ValueError):
-    """Raised by :func:`decode_sample` for a sample that cannot be decoded."""
+    """Raised by :func:`decode_sample` for a sample that cannot be decoded; the message is the skip
+    reason counted in :class:`ReadStats`."""
+
+
+@dataclass(frozen=True)
+class ReadRules:
+    """What both readers (the plain one and Ray Data) accept; anything else is skipped and counted.
+
+    ``num_classes``: labels must lie in ``[0, num_classes)`` (None: any label >= 0);
+    ``require_label``: a sample without a ``cls`` member is skipped (classification splits) or kept
+    with label -1 (image-caption pairs); ``max_pixels``: larger images are skipped before they are
+    decoded; ``max_member_bytes``: larger tar members are skipped without being read into memory.
+    """
+
+    num_classes: Optional[int] = None
+    require_label: bool = True
+    max_pixels: int = 64_000_000
+    max_member_bytes: int = 64 << 20
+
+    def with_classes(self, num_classes: Optional[int], require_label: Optional[bool] = None
+                     ) -> "ReadRules":
+        return replace(self, num_classes=num_classes,
+                       require_label=self.require_label if require_label is None else require_label)
+
+
+DEFAULT_RULES = ReadRules()
 
 
 @dataclass
@@ -51,23 +86,59 @@ class Sample:
 
 @dataclass
 class ReadStats:
-    """What a read saw: decoded samples, skipped ones (with reasons), ignored members."""
+    """What a read saw: valid samples, skipped ones (counted per reason), shards that could not be
+    read to the end, ignored members. ``skip_reasons`` names sample-level and shard-level reasons
+    alike (``shard: ...`` for the latter)."""
 
     samples: int = 0
     skipped: int = 0
     reasons: Counter = field(default_factory=Counter)
     ignored_members: Counter = field(default_factory=Counter)
+    bad_shards: int = 0
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped += n
+        self.reasons[reason] += n
+
+    def bad_shard(self, reason: str) -> None:
+        self.bad_shards += 1
+        self.reasons[reason] += 1
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "skipped": self.skipped,
-                "skip_reasons": dict(self.reasons), "ignored_members": dict(self.ignored_members)}
+        return {"samples": self.samples, "skipped": self.skipped, "bad_shards": self.bad_shards,
+                "skip_reasons": dict(sorted(self.reasons.items())),
+                "ignored_members": dict(sorted(self.ignored_members.items()))}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ReadStats":
+        return cls(samples=int(d.get("samples", 0)), skipped=int(d.get("skipped", 0)),
+                   reasons=Counter(d.get("skip_reasons") or {}),
+                   ignored_members=Counter(d.get("ignored_members") or {}),
+                   bad_shards=int(d.get("bad_shards", 0)))
 
     def merge(self, other: "ReadStats") -> "ReadStats":
         self.samples += other.samples
         self.skipped += other.skipped
+        self.bad_shards += other.bad_shards
         self.reasons.update(other.reasons)
         self.ignored_members.update(other.ignored_members)
         return self
+
+    def check_count(self, expected: Optional[int]) -> "ReadStats":
+        """Compare with the count a manifest states: samples that neither decoded nor were skipped
+        (a shard cut at a member boundary ends without an error) are counted as skipped."""
+        if expected is not None and self.samples + self.skipped < expected:
+            self.skip("missing: fewer samples than the manifest states",
+                      expected - self.samples - self.skipped)
+        return self
+
+    def line(self) -> str:
+        """``40 valid, 8 skipped (cls: missing 5, image: ... 3)``: one line for a person."""
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items(), key=lambda x: -x[1]))
+        out = f"{self.samples} valid, {self.skipped} skipped"
+        if self.bad_shards:
+            out += f", {self.bad_shards} unreadable shard(s)"
+        return out + (f" ({reasons})" if reasons else "")
 
 
 def encode_png(image: np.ndarray | torch.Tensor | Image.Image) -> bytes:
@@ -81,114 +152,206 @@ def encode_png(image: np.ndarray | torch.Tensor | Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, image_size: Optional[int] = None) -> torch.Tensor:
-    """Decode image bytes to uint8 [3, H, W]; with ``image_size``, resize the short side and
-    centre-crop to a square (fixed shapes for batching)."""
+def decode_image(data: bytes, image_size: Optional[int] = None,
+                 rules: ReadRules = DEFAULT_RULES,
+                 formats: Sequence[str] = IMAGE_FORMATS) -> torch.Tensor:
+    """Decode image bytes (JPEG, PNG or WebP: only those PIL plugins see them, unless ``formats``
+    says otherwise) to uint8 [3, H, W]; with ``image_size``, resize the short side and centre-crop
+    to a square (fixed shapes for batching). The pixel count is checked from the header, before
+    anything is decoded."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if image_size is not None and im.size != (image_size, image_size):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=list(formats)) as im:
                 w, h = im.size
-                scale = image_size / min(w, h)
-                im = im.resize((max(image_size, round(w * scale)), max(image_size, round(h * scale))),
-                               Image.BICUBIC)
-                w, h = im.size
-                left, top = (w - image_size) // 2, (h - image_size) // 2
-                im = im.crop((left, top, left + image_size, top + image_size))
-            arr = np.asarray(im, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise CorruptSample(f"image: {type(e).__name__}") from None
+                if w * h > rules.max_pixels:
+                    raise CorruptSample(f"image: more than {rules.max_pixels} pixels")
+                im = im.convert("RGB")
+                if image_size is not None and im.size != (image_size, image_size):
+                    scale = image_size / min(w, h)
+                    im = im.resize((max(image_size, round(w * scale)),
+                                    max(image_size, round(h * scale))), Image.BICUBIC)
+                    w, h = im.size
+                    left, top = (w - image_size) // 2, (h - image_size) // 2
+                    im = im.crop((left, top, left + image_size, top + image_size))
+                arr = np.asarray(im, dtype=np.uint8).copy()
+    except CorruptSample:
+        raise
+    except Image.DecompressionBombError:
+        raise CorruptSample(f"image: more than {rules.max_pixels} pixels") from None
+    except UnidentifiedImageError:
+        raise CorruptSample(f"image: not a {', '.join(formats)} image") from None
+    except (OSError, ValueError, SyntaxError, struct.error, MemoryError) as e:
+        raise CorruptSample(f"image: corrupt ({type(e).__name__})") from None
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+class _TooLarge:
+    """Stands in for a tar member larger than ``ReadRules.max_member_bytes`` (never read)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _member(raw: dict, name: str, rules: ReadRules) -> Optional[bytes]:
+    value = raw.get(name)
+    if isinstance(value, _TooLarge):
+        raise CorruptSample(f"{name}: member larger than {rules.max_member_bytes} bytes")
+    return value
+
+
 def decode_sample(raw: dict, image_size: Optional[int] = None,
-                  stats: Optional[ReadStats] = None) -> Sample:
-    """Decode one raw WebDataset sample (member name -> bytes). Only image/txt/cls/json members are
-    touched; anything else is ignored (and counted in ``stats``)."""
+                  stats: Optional[ReadStats] = None, rules: ReadRules = DEFAULT_RULES) -> Sample:
+    """Decode one raw sample (member extension -> bytes, plus ``__key__``) under ``rules``. Only
+    image/txt/cls/json members are touched; anything else is ignored (and counted in ``stats``).
+    Raises :class:`CorruptSample` with the skip reason."""
     if stats is not None:
         for k in raw:
-            if not k.startswith("__") and k.lower() not in KNOWN_KEYS:
+            if not k.startswith("__") and k not in KNOWN_KEYS:
                 stats.ignored_members[k] += 1
     key = str(raw.get("__key__", "?"))
     img_key = next((k for k in IMAGE_KEYS if raw.get(k) is not None), None)
     if img_key is None:
         raise CorruptSample("no image member")
-    image = decode_image(_as_bytes(raw[img_key]), image_size)
-    meta: dict = {}
-    if raw.get("json") is not None:
+    label = -1
+    cls = _member(raw, "cls", rules)
+    if cls is not None:
         try:
-            meta = json.loads(_as_bytes(raw["json"]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            text = cls.decode("ascii").strip()
+            if len(text) > 12:
+                raise ValueError
+            label = int(text)
+        except (UnicodeDecodeError, ValueError):
+            raise CorruptSample("cls: not an integer label") from None
+        if label < 0 or (rules.num_classes is not None and label >= rules.num_classes):
+            raise CorruptSample("cls: label out of range")
+    elif rules.require_label:
+        raise CorruptSample("cls: missing")
+    meta: dict = {}
+    js = _member(raw, "json", rules)
+    if js is not None:
+        try:
+            meta = json.loads(js.decode("utf-8"))
+        except RecursionError:
+            raise CorruptSample("json: nested too deeply") from None
+        except (UnicodeDecodeError, ValueError):
             raise CorruptSample("json: not valid JSON") from None
         if not isinstance(meta, dict):
             raise CorruptSample("json: not an object")
-    label = -1
-    if raw.get("cls") is not None:
-        try:
-            label = int(_as_bytes(raw["cls"]).decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise CorruptSample("cls: not an integer") from None
     text = ""
-    if raw.get("txt") is not None:
+    txt = _member(raw, "txt", rules)
+    if txt is not None:
         try:
-            text = _as_bytes(raw["txt"]).decode("utf-8").strip()
+            text = txt.decode("utf-8").strip()
         except UnicodeDecodeError:
             raise CorruptSample("txt: not UTF-8") from None
+    image = decode_image(_member(raw, img_key, rules), image_size, rules)
     return Sample(key=key, image=image, label=label, text=text, meta=meta)
 
 
-def _as_bytes(value) -> bytes:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value)
-    raise CorruptSample(f"member is {type(value).__name__}, expected raw bytes")
+class _TarInfo(tarfile.TarInfo):
+    """Marks its TarFile when the stream ends without tar's end-of-archive blocks (tarfile itself
+    treats a shard cut between two members as its normal end)."""
 
-
-def _tar_handler(stats: ReadStats) -> Callable[[Exception], bool]:
-    def handler(exn: Exception) -> bool:
-        stats.skipped += 1
-        stats.reasons[f"tar: {type(exn).__name__}"] += 1
-        return True  # keep going
-    return handler
-
-
-def _open_shards(urls: Iterable[str], stats: ReadStats) -> Iterator[dict]:
-    """``{"url", "stream"}`` per shard, opened through :mod:`rvpt.storage` (local files or object
-    storage; never a shell or a URL handler). A shard that cannot be opened is skipped and counted."""
-    for url in urls:
+    @classmethod
+    def fromtarfile(cls, tf):
         try:
-            stream = storage.open_input(url)
-        except storage.StorageError:
-            stats.skipped += 1
-            stats.reasons["shard: cannot open"] += 1
-            continue
-        try:
-            yield {"url": url, "stream": stream}
-        finally:
-            stream.close()
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            tf.rvpt_truncated = True
+            raise
+
+
+def _tar_samples(stream, url: str, stats: ReadStats, rules: ReadRules) -> Iterator[dict]:
+    """Raw samples of one tar stream: members grouped by key (consecutive members sharing the part
+    of the name before the first dot). Members of other kinds than image, txt, cls and json are
+    counted and never read; members larger than ``rules.max_member_bytes`` are skipped unread; a key met again later in the shard is skipped as a duplicate; a stream that breaks off
+    (truncated, corrupt, not a tar) ends the shard and is counted, keeping what came before."""
+    seen: set = set()
+    current: Optional[dict] = None
+
+    def done(sample):
+        if sample is None:
+            return None
+        if sample["__key__"] in seen:
+            stats.skip("key: duplicate in shard")
+            return None
+        seen.add(sample["__key__"])
+        return sample
+
+    try:
+        tf = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_TarInfo)
+        for info in tf:
+            if not info.isreg():
+                continue
+            m = _KEY_EXT.match(info.name)
+            if m is None or info.name.rsplit("/", 1)[-1].startswith("__"):
+                stats.ignored_members["(no key.extension name)"] += 1
+                continue
+            key, ext = m.group(1), m.group(2).lower()
+            if current is not None and key != current["__key__"]:
+                out = done(current)
+                current = None
+                if out is not None:
+                    yield out
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            if ext not in KNOWN_KEYS:  # never kept: a .pkl/.pth payload is not even read
+                stats.ignored_members[ext] += 1
+                continue
+            if ext in current:
+                stats.ignored_members["(duplicate member)"] += 1
+                continue
+            if info.size > rules.max_member_bytes:
+                current[ext] = _TooLarge(info.size)
+                continue
+            f = tf.extractfile(info)
+            current[ext] = f.read() if f is not None else b""
+            tf.members = []  # a stream of millions of members keeps no list of them
+        if getattr(tf, "rvpt_truncated", False):  # tarfile ends quietly at a cut between members
+            stats.bad_shard("shard: truncated or not a tar (read up to the break)")
+    except _TAR_ERRORS:
+        stats.bad_shard("shard: truncated or not a tar (read up to the break)")
+    out = done(current)
+    if out is not None:
+        yield out
+
+
+def read_shard(url: str, image_size: Optional[int] = None, stats: Optional[ReadStats] = None,
+               rules: ReadRules = DEFAULT_RULES) -> Iterator[Sample]:
+    """The valid samples of one shard (a local path or a storage URI), in order; everything else is
+    counted in ``stats``. Never raises for what a shard holds: the one reader behind
+    :func:`iter_samples` and the Ray Data path (:func:`pipeline.data.read_split`)."""
+    stats = stats if stats is not None else ReadStats()
+    try:
+        stream = storage.open_input(url)
+    except storage.StorageError:
+        stats.bad_shard("shard: cannot open")
+        return
+    try:
+        for raw in _tar_samples(stream, url, stats, rules):
+            try:
+                sample = decode_sample(raw, image_size, stats, rules)
+            except CorruptSample as e:
+                stats.skip(str(e))
+                continue
+            stats.samples += 1
+            yield sample
+    finally:
+        stream.close()
 
 
 def iter_samples(urls: Sequence[str], image_size: Optional[int] = None,
                  stats: Optional[ReadStats] = None, shuffle_shards: bool = False,
-                 seed: int = 0) -> Iterator[Sample]:
-    """Stream decoded samples from shards (local paths or storage URIs), skipping and counting
-    corrupt ones. No member ever reaches pickle or torch.load."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
+                 seed: int = 0, rules: ReadRules = DEFAULT_RULES) -> Iterator[Sample]:
+    """Stream decoded samples from shards (local paths or storage URIs) under ``rules``, skipping and
+    counting what is invalid. No member ever reaches pickle or torch.load."""
     stats = stats if stats is not None else ReadStats()
     urls = list(urls)
     if shuffle_shards:
         urls = [urls[i] for i in np.random.default_rng(seed).permutation(len(urls))]
-    handler = _tar_handler(stats)
-    files = tar_file_expander(_open_shards(urls, stats), handler=handler)
-    for raw in group_by_keys(files, handler=handler):  # raw bytes: nothing is decoded but below
-        try:
-            sample = decode_sample(raw, image_size, stats)
-        except CorruptSample as e:
-            stats.skipped += 1
-            stats.reasons[str(e)] += 1
-            continue
-        stats.samples += 1
-        yield sample
+    for url in urls:
+        yield from read_shard(url, image_size, stats, rules)
 
 
 def collate(samples: Sequence[Sample]) -> dict:

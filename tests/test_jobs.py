@@ -47,7 +47,8 @@ def test_pretrain_job_writes_model_and_metrics(corpus, smoke_root):
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
     m = res["metrics"]
-    assert 0.0 <= m["ca"] <= 1.0 and m["ca_n"] == 48 and m["ca_skipped"] == 0
+    assert 0.0 <= m["ca"] <= 1.0 and m["ca_n"] == 48 and m["ca_read"]["skipped"] == 0
+    assert "read test: 48 valid, 0 skipped" in r.stdout
     assert 0.0 <= m["ca_shift"] <= 1.0
     model = res["model"]
     assert model["trained"] and model["samples_per_s"] > 0 and model["steps"] == 8

@@ -28,14 +28,15 @@ def _cfg(smoke_root, *over):
 
 
 def test_ray_data_reads_shards_and_samples_the_same_shots(ray_local, corpus):
-    from pipeline.data import few_shot_split, read_split
+    from pipeline.data import few_shot_split, read_split, valid_rows
     from rvpt.fewshot import split_few_shot
     from rvpt.shards import iter_samples, split_urls
 
     cdir = corpus["corpus_dir"]
-    rows = read_split(cdir, "test", 32).take_all()
+    rows = valid_rows(read_split(cdir, "test", 32)).take_all()
     assert len(rows) == 48 and rows[0]["image"].shape == (3, 32, 32)
-    train, val = few_shot_split(cdir, "fewshot", 2, 32, seed=3)
+    train, val, stats = few_shot_split(cdir, "fewshot", 2, 32, seed=3)
+    assert stats.samples == 36 and stats.skipped == 0
     local_train, local_val = split_few_shot(iter_samples(split_urls(cdir, "fewshot"), 32), 2, 6, 3)
     assert sorted(r["key"] for r in train.take_all()) == sorted(s.key for s in local_train)
     assert sorted(r["key"] for r in val.take_all()) == sorted(s.key for s in local_val)
@@ -59,7 +60,7 @@ def test_distributed_evaluation_equals_the_single_loop(ray_local, corpus, backdo
 def test_pickle_member_in_a_shard_executes_nothing(ray_local, tmp_path):
     """A `.pkl` member whose unpickling would write a marker file: the pipeline's reader hands it
     over as bytes and drops it; the marker never appears."""
-    from pipeline.data import read_split
+    from pipeline.data import read_split, stats_of, valid_rows
     from rvpt.shards import encode_png, write_classes, write_manifest
 
     marker = tmp_path / "PWNED"
@@ -79,8 +80,10 @@ def test_pickle_member_in_a_shard_executes_nothing(ray_local, tmp_path):
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
     write_manifest(cdir, {"test": {"count": 3, "shards": ["test-00000.tar"]}})
-    rows = read_split(str(cdir), "test", 8).take_all()
+    ds = read_split(str(cdir), "test", 8).materialize()
+    rows = valid_rows(ds).take_all()
     assert len(rows) == 3 and set(rows[0]) == {"image", "label", "key", "text"}
+    assert stats_of(ds).ignored_members == {"pkl": 3}
     assert not marker.exists()
 
 
@@ -92,7 +95,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(ray_local, corpus, back
     cfg = _cfg(smoke_root, "defense.train.epochs=3", "defense.train.shots=2",
                "defense.train.batch_size=2", "ray.fail_at_epoch=1", "ray.max_failures=1",
                "ray.num_workers=2", "ray.cpus_per_worker=0.3")
-    train, val = few_shot_split(corpus["corpus_dir"], "fewshot", 2, 32, seed=0)
+    train, val, _ = few_shot_split(corpus["corpus_dir"], "fewshot", 2, 32, seed=0)
     trainer = make_trainer(cfg, backdoored, corpus["corpus_dir"], train, val, train.count(),
                            name="killed", storage_path=str(tmp_path))
     result = trainer.fit()

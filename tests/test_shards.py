@@ -12,7 +12,7 @@ from PIL import Image
 
 from rvpt import synthetic
 from rvpt.convert import imagefolder_to_corpus
-from rvpt.shards import (ReadStats, SplitWriter, ShardError, iter_batches,
+from rvpt.shards import (ReadRules, ReadStats, SplitWriter, ShardError, iter_batches,
                          iter_samples, read_classes, read_manifest, split_urls, write_classes,
                          write_manifest)
 
@@ -95,9 +95,14 @@ def test_pickle_member_never_unpickled(tmp_path):
                          "evil-0001.png": synthetic.render(0, "base", "test", 0).png,
                          "evil-0001.pkl": payload, "evil-0001.pth": payload})
     stats = ReadStats()
-    samples = list(iter_samples([str(shard)], stats=stats))
-    assert len(samples) == 3 and not marker.exists()
+    samples = list(iter_samples([str(shard)], stats=stats, rules=ReadRules(require_label=False)))
+    assert len(samples) == 3 and not marker.exists()  # the evil sample's image is kept, unlabelled
     assert stats.ignored_members["pkl"] == 2 and stats.ignored_members["pth"] == 1
+    # its key appears again after other keys (the appended .pkl): counted, not merged
+    assert stats.reasons == {"key: duplicate in shard": 1}
+    stats = ReadStats()
+    assert len(list(iter_samples([str(shard)], stats=stats))) == 2  # labels required by default
+    assert stats.reasons["cls: missing"] == 1
 
 
 def test_imagefolder_converter(tmp_path):

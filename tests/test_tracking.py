@@ -206,7 +206,7 @@ def test_a_trial_stopped_early_is_recorded_but_never_chosen(tmp_path):
 
     cfg = load_config("configs/smoke.yaml")
     uri = tracking.default_uri(tmp_path)
-    base = {"cfg": cfg.model_dump(mode="json"), "uri": uri,
+    base = {"cfg": cfg.model_dump(mode="json"), "uri": uri, "root": str(tmp_path),
             "models": {"badnet": {"synthetic": "/models/bd"}},
             "datasets": {"synthetic": {"corpus": "/corpus", "fewshot_split": "fewshot",
                                        "test_split": "test"}}}
@@ -231,6 +231,9 @@ def test_a_trial_stopped_early_is_recorded_but_never_chosen(tmp_path):
 
     df = tracking.runs_frame(uri, cfg.sweep.name)
     assert len(df) == 2
+    # the stopped trial's record is kept in the sweep's ledger too, and it reached MLflow
+    ledger = tracking.Ledger(str(tmp_path), cfg.sweep.name)
+    assert ledger.keys() == [identify(stopped, base)[3]] and ledger.pending() == []
     row = df[df[f"tags.{tracking.STOPPED_TAG}"].notna()].iloc[0]
     assert row["tags.trial_key"] == identify(stopped, base)[3] != key
     assert row["metrics.val_ca"] == 0.9 and row["metrics.epochs_run"] == 1

@@ -7,12 +7,16 @@ state, ``attack_tensors.safetensors`` beside it.
 """
 from __future__ import annotations
 
+import io
 import json
+import operator
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .. import storage
@@ -51,8 +55,9 @@ class Attack:
     needs_fit: ClassVar[bool] = False
 
     def __init__(self, image_size: int, seed: int = 0, **params: Any):
-        self.image_size = int(image_size)
-        self.seed = int(seed)
+        self.image_size = _integer(image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE,
+                                   f"{self.name}: image_size")
+        self.seed = _integer(seed, 0, 2 ** 63 - 1, f"{self.name}: seed")
         self.params = parse_params(self.Params, params, self.name, AttackError)
         self.fitted = not self.needs_fit
         self.check()
@@ -111,6 +116,49 @@ class Attack:
         return d / ATTACK_FILE
 
 
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
+
+
+def _integer(value: Any, lo: int, hi: int, what: str) -> int:
+    """``value`` as an int in ``[lo, hi]`` (an integral float like 5.0 too); AttackError otherwise."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2 ** 63:
+        value = int(value)
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        v = operator.index(value)
+    except TypeError:
+        raise AttackError(f"{what} must be an integer, got {value!r}") from None
+    if not lo <= v <= hi:
+        raise AttackError(f"{what} must be within [{lo}, {hi}], got {v}")
+    return v
+#: trigger images named by attack parameters are untrusted too: formats, bytes and pixels bounded
+TRIGGER_IMAGE_BYTES, TRIGGER_IMAGE_PIXELS = 32 << 20, 16_000_000
+
+
+def read_trigger_image(path: str, what: str) -> Image.Image:
+    """An RGB image from a file an attack's parameters name (JPEG, PNG or WebP, bounded in size and
+    pixels); a one-line AttackError otherwise."""
+    from ..shards import IMAGE_FORMATS
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(TRIGGER_IMAGE_BYTES + 1)
+        if len(data) > TRIGGER_IMAGE_BYTES:
+            raise AttackError(f"{what} {path} is larger than {TRIGGER_IMAGE_BYTES} bytes")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
+                if im.size[0] * im.size[1] > TRIGGER_IMAGE_PIXELS:
+                    raise AttackError(f"{what} {path} has more than {TRIGGER_IMAGE_PIXELS} pixels")
+                return im.convert("RGB")
+    except AttackError:
+        raise
+    except Exception as e:  # noqa: BLE001 (missing, unreadable, not an allowed format, a bomb)
+        raise AttackError(f"{what} {path}: cannot read it as a JPEG, PNG or WebP "
+                          f"({type(e).__name__})") from None
+
+
 def get_attack(name: str) -> type[Attack]:
     if name not in ATTACKS:
         raise AttackError(f"unknown attack {name!r}; known: {', '.join(sorted(ATTACKS))}")
@@ -134,25 +182,49 @@ def load_attack(path: str | Path) -> tuple[Attack, dict]:
             raise AttackError(f"attack description {uri}: {e}") from None
     p = Path(path)
     f = p / ATTACK_FILE if p.is_dir() else p
-    if not f.exists():
+    if not f.is_file():
         raise AttackError(f"attack description not found: {f}")
     try:
-        data = json.loads(f.read_text())
-        name = data["attack"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise AttackError(f"{f} is not a valid attack description: {e}") from None
-    params = dict(data.get("params") or {})
-    for key, value in list(params.items()):  # relative file parameters resolve beside the json
-        if isinstance(value, str) and key.endswith(("_image", "_file")) and value \
-                and not Path(value).is_absolute():
-            params[key] = str(f.parent / value)
-    attack = make_attack(name, int(data.get("image_size", 32)), int(data.get("seed", 0)), **params)
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise AttackError(f"{f} is not valid JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("attack"), str):
+        raise AttackError(f"{f}: needs an object with an 'attack' name")
+    params = data.get("params") or {}
+    if not isinstance(params, dict):
+        raise AttackError(f"{f}: params must be an object, got {type(params).__name__}")
+    params = dict(params)
+    for key, value in list(params.items()):  # file parameters: names beside the json, inside its dir
+        if isinstance(value, str) and key.endswith(("_image", "_file")) and value:
+            params[key] = str(_inside(f, value, f"params.{key}"))
+    try:
+        attack = make_attack(data["attack"], data.get("image_size", 32), data.get("seed", 0),
+                             **params)
+    except AttackError as e:
+        raise AttackError(f"{f}: {e}") from None
     if data.get("tensors"):
-        tf = f.parent / data["tensors"]
-        if not tf.exists():
+        if not isinstance(data["tensors"], str):
+            raise AttackError(f"{f}: tensors must be a file name")
+        tf = _inside(f, data["tensors"], "tensors")
+        if not tf.is_file():
             raise AttackError(f"{f} names tensors file {data['tensors']} but it is missing")
-        attack.load_tensors(load_file(str(tf)))
+        try:
+            attack.load_tensors(load_file(str(tf)))
+        except AttackError:
+            raise
+        except Exception as e:  # noqa: BLE001 (not safetensors, wrong shapes)
+            raise AttackError(f"{f}: tensors file {data['tensors']} cannot be loaded "
+                              f"({type(e).__name__})") from None
     return attack, data
+
+
+def _inside(attack_file: Path, name: str, field: str) -> Path:
+    """``name`` (from attack.json) as a file beside ``attack_file``: relative, inside its directory."""
+    base = attack_file.parent.resolve()
+    target = (base / name).resolve()
+    if Path(name).is_absolute() or "://" in name or (target != base and base not in target.parents):
+        raise AttackError(f"{attack_file}: {field} {name!r} is not a file name inside {base}")
+    return target
 
 
 def scaled(pixels_at_224: float, image_size: int, minimum: int = 1) -> int:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field
 
-from .base import Attack, AttackError, AttackParams, register_attack
+from .base import Attack, AttackError, AttackParams, read_trigger_image, register_attack
 
 
 class BlendedParams(AttackParams):
@@ -28,12 +28,9 @@ class Blended(Attack):
             raise AttackError(f"blended: ratio must be within [0, 1], got {self.params.ratio}")
         self.fixed = None
         if self.params.trigger_image:
-            try:
-                with Image.open(self.params.trigger_image) as im:
-                    im = im.convert("RGB").resize((self.image_size, self.image_size), Image.BILINEAR)
-                    self.fixed = torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
-            except (OSError, ValueError) as e:
-                raise AttackError(f"blended: cannot read trigger_image: {type(e).__name__}") from None
+            im = read_trigger_image(self.params.trigger_image, "blended: trigger_image")
+            im = im.resize((self.image_size, self.image_size), Image.BILINEAR)
+            self.fixed = torch.from_numpy(np.asarray(im, np.float32) / 255).permute(2, 0, 1)
 
     def _apply(self, images, gen):
         r = self.params.ratio

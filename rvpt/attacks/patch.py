@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 from pydantic import Field
 
-from .base import Attack, AttackError, AttackParams, register_attack, scaled
+from .base import (Attack, AttackError, AttackParams, read_trigger_image, register_attack,
+                   scaled)
 
 
 class BadNetParams(AttackParams):
@@ -45,13 +46,8 @@ class BadNet(Attack):
         self.size = self.params.patch_size or scaled(16, self.image_size)
         self.fixed = None
         if self.params.patch_image:
-            try:
-                with Image.open(self.params.patch_image) as im:
-                    im = im.convert("RGB").resize((self.size, self.size), Image.NEAREST)
-                    arr = np.asarray(im, dtype=np.float32) / 255
-            except (OSError, ValueError) as e:
-                raise AttackError(f"badnet: cannot read patch_image {self.params.patch_image}: "
-                                  f"{type(e).__name__}") from None
+            im = read_trigger_image(self.params.patch_image, f"{self.name}: patch_image")
+            arr = np.asarray(im.resize((self.size, self.size), Image.NEAREST), dtype=np.float32) / 255
             self.fixed = torch.from_numpy(arr).permute(2, 0, 1)
         if self.size > self.image_size:
             raise AttackError(f"badnet: patch_size {self.size} is larger than the image "
