@@ -1,12 +1,17 @@
-"""The none / VPT / RVPT table over every backdoored model, several seeds (mean ± std).
+"""The defense table over every backdoored model, several seeds (mean ± std), and a cost table.
 
     .venv/bin/python benchmarks/bench_defense_table.py [--attacks all] [--seeds 0,1,2]
-        [--defenses none,vpt,rvpt] [key.sub=value ...] [--out FILE]
+        [--defenses none,vpt,rvpt,cleanclip,linear_probe] [--cost ATTACK] [key.sub=value ...]
+        [--out FILE]
 
 Builds (or reuses) the corpus, the clean model and one backdoored model per attack with the config,
-then runs each defense with each seed (few-shot sample and prompt init follow the seed) through
-``pipeline.defend`` (cached per setting) and prints CA, ASR, ASR_all, PA and mean PR as
-mean ± std over the seeds.
+then runs each defense with each seed (data sample and initialisation follow the seed) through
+``pipeline.defend`` (cached per setting, each defense with its own recipe) and prints CA, ASR,
+ASR_all, PA and mean PR as mean ± std over the seeds; a defense that cannot be measured against an
+attack is "n/a" with the reason. With ``--cost ATTACK`` it then runs ``jobs/defend.py`` once per
+defense on that attack's model, each in a fresh process with nothing cached, and prints the cost
+table (the paper's Table 9): trainable parameters, training samples, samples seen, training wall
+time, and the peak resident memory of the whole process (PSS of its tree, memwatch).
 """
 import argparse
 import json
@@ -14,10 +19,13 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # memwatch
+
 from pipeline import backdoor, build
 from pipeline.config import load_config
 from pipeline.defend import defend
-from pipeline.jobs import _table, attack_names
+from pipeline.jobs import attack_names
+from pipeline.tables import table
 
 METRICS = ("ca", "asr", "asr_all", "pa", "pr_mean")
 
@@ -35,7 +43,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", default="all")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--defenses", default="none,vpt,rvpt")
+    ap.add_argument("--defenses", default="none,vpt,rvpt,cleanclip,linear_probe")
+    ap.add_argument("--cost", metavar="ATTACK", help="also the cost table, on this attack's model")
     ap.add_argument("--config")
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
@@ -53,20 +62,71 @@ def main():
                 c = cfg.model_copy(deep=True)
                 c.seed = seed
                 c.defense.name = name
+                c.defense.params = dict(cfg.defense.params) if name == cfg.defense.name else {}
                 r = defend(c, model["model_dir"], corpus["corpus_dir"])
+                if r.get("not_applicable"):
+                    runs = None
+                    print(f"{attack} {name}: not applicable: {r['not_applicable']}",
+                          file=sys.stderr, flush=True)
+                    break
                 runs.append(r)
                 print(f"{attack} {name} seed {seed}: CA {r['after']['ca']:.4f} "
                       f"ASR {r['after']['asr']:.4f} ({'reused' if r.get('cached') else str(r['train_s']) + ' s'})",
                       file=sys.stderr, flush=True)
+            if runs is None:
+                rows.append((attack, name, "n/a", "n/a", "n/a", "n/a", "n/a", "-"))
+                out[f"{attack}/{name}"] = "not applicable"
+                continue
             key = "before" if name == "none" else "after"
             out[f"{attack}/{name}"] = [r[key] | {"train_s": r["train_s"]} for r in runs]
             rows.append((attack, name, *(fmt([r[key].get(m) for r in runs], m != "pr_mean")
                                          for m in METRICS),
                          f"{statistics.mean(r['train_s'] for r in runs):.0f}"))
-    print(_table(rows, ("attack", "defense", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR",
-                        "train s")))
+    print(table(rows, ("attack", "defense", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR",
+                       "train s")))
+    if args.cost:
+        model = backdoor.build_backdoored(cfg, args.cost, corpus, clean)
+        out["cost"] = cost_table(args, model["model_dir"], corpus["corpus_dir"])
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+
+
+def cost_table(args, model: str, corpus: str) -> list:
+    """Each defense once, in a fresh jobs/defend.py process with an empty results root: what it
+    trains, on how much, how long, and the process tree's peak memory."""
+    import subprocess
+    import tempfile
+
+    from memwatch import PeakRSS
+
+    repo = Path(__file__).resolve().parent.parent
+    rows, res = [], []
+    for name in args.defenses.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, str(repo / "jobs" / "defend.py"), "--model", model, "--corpus",
+                   corpus, "--defense", name, "--out", f"{tmp}/d.json", f"paths.root={tmp}",
+                   "defense.pr_images=0", *([f"--config={args.config}"] if args.config else []),
+                   *args.overrides]
+            p = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 text=True)
+            with PeakRSS(p.pid) as mem:
+                _, err = p.communicate()
+            if p.returncode != 0:
+                print(f"cost {name}: failed: {err.strip().splitlines()[-1:]}", file=sys.stderr)
+                continue
+            r = json.loads(Path(tmp, "d.json").read_text())
+        if r.get("not_applicable"):
+            continue
+        res.append({"defense": name, "trained": r["trained"], "params": r["trainable_params"],
+                    "train_samples": r["train_samples"], "samples_seen": r["samples_seen"],
+                    "train_s": r["train_s"], "peak_pss_mib": mem.peak_pss_mib,
+                    "peak_rss_mib": r["peak_rss_mib"]})
+        rows.append((name, r["trained"], f"{r['trainable_params']:,}", r["train_samples"],
+                     r["samples_seen"], f"{r['train_s']:.1f}", f"{mem.peak_pss_mib:.0f}"))
+    print(f"cost on {args.cost}'s model (one run each, seed 0, this machine):")
+    print(table(rows, ("defense", "trains", "trainable params", "train samples", "samples seen",
+                       "train s", "peak MiB (PSS)")))
+    return res
 
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ RAY = """
 import json, os, sys
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray
-ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+         log_to_driver=False,
          configure_logging=False)
 from ray.data import DataContext
 DataContext.get_current().enable_progress_bars = False

@@ -84,7 +84,7 @@ def main():
                   f"CA {a['ca']:.4f} ASR {a['asr']:.4f} "
                   f"({'reused' if r['cached'] else str(r['train_s']) + ' s'})", file=sys.stderr, flush=True)
             results.append(r)
-    from pipeline.jobs import _table
+    from pipeline.tables import table as _table
 
     rows = [("none", *(fmt([results[0]["before"].get(m)], m != "pr_mean") for m in METRICS), "0")]
     out = {"none": results[0]["before"], "settings": {}}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rvpt.defenses import TrainParams, make_defense
+from rvpt.defenses import make_defense
 from rvpt.models import load_clip
 
 
@@ -26,7 +26,7 @@ def time_steps(defense, x, y, keys, steps: int) -> float:
     times = []
     for i in range(steps + 3):
         t = time.perf_counter()
-        loss, _ = defense.module(x, y, keys)
+        loss, _ = defense.module({"image": x, "label": y, "key": keys})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

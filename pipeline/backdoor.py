@@ -163,8 +163,9 @@ def trigger_classifier(loaded: LoadedClip, attack: Attack, names, templates, ens
 
 
 def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: Optional[Attack],
-                      target: Optional[int], split: str = "test", encode=None) -> dict:
-    """CA on clean images of ``split``; with an attack, ASR / ASR_all / PA on triggered copies."""
+                      target: Optional[int], split: str = "test", encode=None, head=None) -> dict:
+    """CA on clean images of ``split``; with an attack, ASR / ASR_all / PA on triggered copies.
+    ``encode`` / ``head``: a defense's image encoder and, for one with its own classifier, head."""
     info = read_classes(corpus_dir)
     clf = class_embeddings(loaded, info.names, info.templates, ensemble=cfg.eval.prompt_ensemble)
     trig = trigger_classifier(loaded, attack, info.names, info.templates,
@@ -173,7 +174,7 @@ def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: 
     samples = build.samples(cfg, corpus_dir, split, loaded.image_size, stats=stats)
     with build.progress_bar(desc=f"evaluating {split}", unit="img", leave=False) as bar:
         c = backdoor_counts(loaded, iter_batches(samples, cfg.eval.batch_size), clf, attack, target,
-                            trigger_classifier=trig, encode=encode, progress=bar)
+                            trigger_classifier=trig, encode=encode, progress=bar, head=head)
     return {**rates(c), "split": split, "read": stats.as_dict()}
 
 

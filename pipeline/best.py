@@ -3,13 +3,13 @@ by a selection rule (see :mod:`pipeline.select`)."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from . import tracking
 from .config import Config, ConfigError
 from .select import RULES, describe
+from .tables import cell, num, pct, table
 
 DEFAULT_EXPERIMENT = "rvpt-sweep"
 DEFAULT_RULE = "ca"
@@ -66,28 +66,15 @@ def load_runs(settings: dict):
         raise ConfigError(str(e)) from None
 
 
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
-
-def _num(v: Optional[float], digits: int = 4) -> str:
-    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.{digits}f}"
-
-
-def _cell(v: Any) -> str:
-    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
-
-
 def best_rows(rec: dict) -> tuple:
     """One record of :func:`tracking.best_per_group` as the cells of a human table."""
-    return (rec["attack"], rec["dataset"], _cell(rec["defense"]), *(_cell(rec[k]) for k in
-            ("depth", "length", "alpha", "shots")), *(_pct(rec[k]) for k in
-            ("ca", "asr", "asr_all", "pa")), _num(rec["pr_mean"]), _num(rec["score"]),
-            _cell(rec["run_name"]))
+    return (rec["attack"], rec["dataset"], cell(rec["defense"]), cell(rec["setting"]),
+            cell(rec["shots"]), *(pct(rec[k]) for k in ("ca", "asr", "asr_all", "pa")),
+            num(rec["pr_mean"]), num(rec["score"]), cell(rec["run_name"]))
 
 
-BEST_HEADER = ("attack", "dataset", "defense", "depth", "length", "alpha", "shots", "CA %", "ASR %",
-               "ASR_all %", "PA %", "mean PR", "score", "run")
+BEST_HEADER = ("attack", "dataset", "defense", "setting", "shots", "CA %", "ASR %", "ASR_all %",
+               "PA %", "mean PR", "score", "run")
 
 
 def best(cfg: Config, args: argparse.Namespace) -> list[dict]:
@@ -96,8 +83,6 @@ def best(cfg: Config, args: argparse.Namespace) -> list[dict]:
     ``--out FILE.csv`` writes a CSV here (and clears ``args.out`` so that the command-line plumbing
     does not overwrite it with JSON); any other ``--out`` gets the records as a JSON list.
     """
-    from .jobs import _table
-
     s = resolve(cfg, args)
     df = load_runs(s)
     top = tracking.best_per_group(df, s["rule"], s["weight"])
@@ -105,7 +90,7 @@ def best(cfg: Config, args: argparse.Namespace) -> list[dict]:
     print(f"experiment {s['experiment']!r} ({s['uri']}): {len(df)} finished runs; best per "
           f"attack x dataset by rule {s['rule']!r}: {describe(s['rule'], s['weight'])}")
     if recs:
-        print(_table([best_rows(r) for r in recs], BEST_HEADER))
+        print(table([best_rows(r) for r in recs], BEST_HEADER))
     else:
         print("no finished runs yet")
     out = getattr(args, "out", None)

@@ -19,12 +19,13 @@ from tqdm import tqdm
 from rvpt import storage, synthetic
 from rvpt.models import LoadedClip, load_clip, save_model_dir
 from rvpt.pretrain import train_contrastive
-from rvpt.shards import (MANIFEST, Corpus, ReadStats, Sample, ShardError, SplitWriter,
+from rvpt.shards import (MANIFEST, Corpus, ReadStats, Sample, ShardError, SplitWriter, labelled,
                          iter_batches, iter_samples, open_corpus, read_classes, write_classes,
                          write_manifest)
-from rvpt.zeroshot import class_embeddings, evaluate_accuracy
+from rvpt.metrics import evaluate_accuracy
+from rvpt.zeroshot import class_embeddings
 
-from .config import Config, config_hash
+from .config import Config, ConfigError, config_hash
 
 _IS_TTY = sys.stderr.isatty()
 
@@ -132,9 +133,25 @@ def samples(cfg: Config, corpus_dir: str, split: str, image_size: Optional[int],
     corpus = open_corpus(corpus_dir)
     info = corpus.split(split)
     stats = stats if stats is not None else ReadStats()
-    rules = cfg.read_rules(len(corpus.classes.names), require_label)
+    n_classes = len(labelled(corpus).names) if require_label else corpus.num_classes
+    rules = cfg.read_rules(n_classes, require_label)
     yield from iter_samples(info.shards, image_size, stats=stats, rules=rules, **kw)
     stats.check_count(info.count)
+
+
+def pairs_count(cfg: Config, location: str) -> int:
+    """How many clean pairs the pair defenses train on: ``defense.pairs.count`` (None: the whole
+    split). One-line error when the split holds fewer than that or nobody knows how many."""
+    p = cfg.defense.pairs
+    available = open_corpus(location).split(p.split).count
+    if p.count is None and available is None:
+        raise ConfigError(f"config error: defense.pairs.count: split {p.split!r} of "
+                          f"{storage.display(location)} states no count; set defense.pairs.count")
+    if p.count is not None and available is not None and available < p.count:
+        raise ConfigError(f"config error: defense.pairs.count: split {p.split!r} of "
+                          f"{storage.display(location)} has {available} pairs, fewer than "
+                          f"defense.pairs.count={p.count}")
+    return p.count if p.count is not None else available
 
 
 def split_count(corpus_dir: str, split: str) -> int:

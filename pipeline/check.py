@@ -88,13 +88,33 @@ def _names(cfg: Config) -> str:
     from rvpt.attacks import ATTACKS
     from rvpt.defenses import DEFENSES
 
+    from .sweep import not_applicable, settings
+
     bad = [a for a in cfg.sweep.attacks if a not in ATTACKS]
     if bad:
         raise Failed(f"unknown attack {bad[0]!r}; known: {', '.join(sorted(ATTACKS))}")
     bad = [d for d in cfg.sweep.defenses if d not in DEFENSES]
     if bad:
         raise Failed(f"unknown defense {bad[0]!r}; known: {', '.join(sorted(DEFENSES))}")
-    return f"attacks {', '.join(cfg.sweep.attacks)}; defenses {', '.join(cfg.sweep.defenses)}"
+    trials, na = len(settings(cfg)), len(not_applicable(cfg))  # search spaces checked here
+    return (f"attacks {', '.join(cfg.sweep.attacks)}; defenses {', '.join(cfg.sweep.defenses)}; "
+            f"{trials} trials" + (f" ({na} defense x attack x dataset not applicable)" if na else ""))
+
+
+def _pairs(cfg: Config, location: str) -> str:
+    from rvpt.shards import open_corpus
+
+    from .build import pairs_count
+
+    split = cfg.defense.pairs.split
+    corpus = open_corpus(location)
+    info = corpus.split(split)
+    missing = _missing_shards(info.shards)
+    if missing:
+        raise Failed(f"split {split!r}: {len(missing)} of {len(info.shards)} shards are missing "
+                     f"(first: {storage.display(missing[0])})")
+    return f"{corpus.format}, {split}: {len(info.shards)} shards, {pairs_count(cfg, location)} " \
+           f"pairs used"
 
 
 def _missing_shards(shards: list[str]) -> list[str]:
@@ -110,10 +130,10 @@ def _missing_shards(shards: list[str]) -> list[str]:
 
 
 def _dataset(location: str, fewshot: str, test: str, shots: int) -> str:
-    from rvpt.shards import open_corpus
+    from rvpt.shards import labelled, open_corpus
 
     corpus = open_corpus(location)
-    n_classes = len(corpus.classes.names)
+    n_classes = len(labelled(corpus).names)
     parts = [f"{corpus.format} corpus, {n_classes} classes"]
     for role, name in (("few-shot pool", fewshot), ("test", test)):
         split = corpus.split(name)
@@ -143,7 +163,7 @@ def _model(location: str, attack: str, dataset: Optional[str]) -> str:
     from rvpt.attacks import ATTACKS
     from rvpt.models import describe_model_dir
     from rvpt.poison import target_index
-    from rvpt.shards import open_corpus
+    from rvpt.shards import read_classes
 
     info = describe_model_dir(location)
     data = storage.read_json(storage.join(location, "attack.json"), 16 << 20) \
@@ -161,7 +181,7 @@ def _model(location: str, attack: str, dataset: Optional[str]) -> str:
     detail = f"{info['model_name'] or 'model'} at {info['image_size']} px, {info['weights']}"
     if dataset is not None:
         try:
-            t = target_index(data["target"], open_corpus(dataset).classes.names)
+            t = target_index(data["target"], read_classes(dataset).names)
         except ValueError as e:
             raise Failed(f"target: {e}") from None
         detail += f", target {data['target']!r} (class {t})"
@@ -211,6 +231,18 @@ def run_checks(cfg: Config) -> list[Check]:
         locations[name] = location
         checks.append((f"dataset {name}", lambda loc=location, s=spec:
                        _dataset(loc, s.fewshot_split, s.test_split, shots)))
+    from rvpt.defenses import DEFENSES
+
+    pairs_users = [d for d in cfg.sweep.defenses if d in DEFENSES and DEFENSES[d].data == "pairs"]
+    if pairs_users:
+        p = cfg.defense.pairs
+        if p.corpus is None and cfg.corpus.kind == "synthetic":
+            checks.append((f"pairs ({', '.join(pairs_users)})",
+                           lambda: f"the embedded corpus's {p.split} split"))
+        else:
+            location = cfg.locate(p.corpus or cfg.corpus.path)
+            checks.append((f"pairs ({', '.join(pairs_users)})",
+                           lambda: _pairs(cfg, location)))
     factory = [a for a in cfg.sweep.attacks if a not in cfg.sweep.models]
     for attack in cfg.sweep.attacks:
         if attack in factory:
@@ -234,9 +266,9 @@ def run_checks(cfg: Config) -> list[Check]:
 
 def report(checks: list[Check]) -> dict:
     """Print the checks as a table; the JSON summary."""
-    from .jobs import _table
+    from .tables import table
 
-    print(_table([(c.what, c.status, c.detail) for c in checks], ("check", "status", "detail")))
+    print(table([(c.what, c.status, c.detail) for c in checks], ("check", "status", "detail")))
     failed = [c for c in checks if c.ok is False]
     print(f"{len(checks) - len(failed)} of {len(checks)} checks passed" if not failed else
           f"{len(failed)} of {len(checks)} checks FAILED")

@@ -2,6 +2,10 @@
 
 One :class:`Config` object flows from the command line to every stage. A bad value fails at once
 with :class:`ConfigError`, whose message is one line naming the field.
+
+The schema's defaults *are* the embedded default (the synthetic benchmark, the tiny CLIP, the
+attacks that plant in it, the default sweep): ``configs/default.yaml`` sets nothing, so no default
+is stated twice; other configs (``smoke.yaml``, ``paper.yaml``) state what they change.
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from rvpt import storage
-from rvpt.defenses import TrainParams
+from rvpt.defenses import TrainOverrides
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +103,20 @@ class EvalConfig(_Strict):
     )
 
 
+# The embedded benchmark's per-attack doses (measured: docs/findings.md). The optimised patches
+# (16 px at 224 px) placed as a ViT sees them: in ViT-B/32 at 224 px the papers' centre patch lies
+# inside one 32 px patch and is half its width; scaled by image size to 32 px it would be 2 px
+# straddling four of this ViT's 8 px patches, and plants nothing (ASR <= 2 %), so: 4 px in the
+# top-left patch. TrojVQA's dual key needs a larger dose (rate 0.1: ASR 44.7 %, 0.2: 83.1 %, 0.3:
+# 96.8 %; each poisoned pair also brings two partial-key pairs); SIG needs 6 epochs (3 give 57-74 %
+# by poisoning seed). Other configs replace the whole mapping (paper.yaml: {}).
+EMBEDDED_ATTACKS: dict[str, dict[str, Any]] = {
+    "badclip": {"params": {"patch_size": 4, "position": "top_left"}},
+    "trojvqa": {"rate": 0.3, "params": {"patch_size": 4, "position": "top_left"}},
+    "sig": {"epochs": 6},
+}
+
+
 class PoisonConfig(_Strict):
     """The backdoor factory: which trigger, how many poisoned pairs, how the clean model is
     fine-tuned on them. ``attacks`` holds per-attack overrides of these fields, e.g.
@@ -121,8 +139,9 @@ class PoisonConfig(_Strict):
     warmup_steps: int = Field(20, ge=0)
     fit_images: int = Field(1024, ge=1, description="clean images used to fit optimised triggers")
     params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
-    attacks: dict[str, dict[str, Any]] = Field(default_factory=dict,
-                                               description="per-attack overrides of these fields")
+    attacks: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in EMBEDDED_ATTACKS.items()},
+        description="per-attack overrides of these fields (default: the embedded benchmark's)")
 
     def for_attack(self, name: str) -> "PoisonConfig":
         """This config with ``attack=name`` and that attack's overrides applied (validated)."""
@@ -135,14 +154,29 @@ class PoisonConfig(_Strict):
             raise ConfigError(_format_error(e, prefix=f"poison.attacks.{name}")) from None
 
 
+class PairsConfig(_Strict):
+    """Clean image-caption pairs, for the defenses that train on pairs (CleanCLIP): disjoint from
+    the few-shot pool. The embedded corpus's ``pretrain`` split is such a set (clean pairs from the
+    source the model was trained on, as CleanCLIP's CC3M subset); on real data name a pair corpus."""
+
+    corpus: Optional[str] = Field(None, description="corpus dir/URI (relative: under paths.root); "
+                                  "None: the config's corpus")
+    split: str = "pretrain"
+    count: Optional[int] = Field(5000, ge=1, description="pairs used (None: the whole split); "
+                                 "the paper: 250 K")
+
+
 class DefenseConfig(_Strict):
     """A defense run: which defense, its parameters, the training recipe, what is measured."""
 
     name: str = Field("rvpt", description="defense name (see rvpt.defenses.DEFENSES)")
     params: dict[str, Any] = Field(default_factory=dict,
-                                   description="defense parameters, e.g. {depth: 3, length: 50, alpha: 2}")
-    train: TrainParams = TrainParams()
+                                   description="parameters of that defense, e.g. {depth: 3, "
+                                   "length: 50, alpha: 2}")
+    train: TrainOverrides = Field(default_factory=TrainOverrides, description="recipe fields set "
+                                  "for every defense (None: each defense's own recipe)")
     fewshot_split: str = Field("fewshot", description="the defender's clean pool")
+    pairs: PairsConfig = PairsConfig()
     pr_images: int = Field(256, ge=0, description="test images for perturbation resistivity; 0 = skip")
 
 
@@ -158,8 +192,9 @@ class RayConfig(_Strict):
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on a small machine")
     gpus_per_worker: float = Field(0.0, ge=0, description="with use_gpu (0 means 1)")
     max_failures: int = Field(2, ge=-1, description="worker-group restarts from the last checkpoint")
-    eval_actors: int = Field(1, ge=0, description="Ray Data actors for a sweep trial's evaluation; "
-                             "0 = a plain loop in the trial (small machines, local corpora)")
+    eval_actors: int = Field(0, ge=0, description="Ray Data actors for a sweep trial's evaluation; "
+                             "0 = a plain loop in the trial (faster on a 2-core machine: "
+                             "benchmarks/bench_eval_throughput.py)")
     eval_cpus: float = Field(0.5, gt=0, description="CPUs per evaluation actor")
     worker_resources: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources each Train worker and evaluation "
@@ -188,20 +223,15 @@ class DatasetSpec(_Strict):
     test_split: str = "test"
 
 
-class SearchSpace(_Strict):
-    depth: list[int] = Field(default_factory=lambda: [3, 6])
-    length: list[int] = Field(default_factory=lambda: [10, 50])
-    alpha: list[float] = Field(default_factory=lambda: [1.0, 2.0],
-                               description="repel weight (RVPT only; VPT is alpha = 0)")
-
-
 class SweepConfig(_Strict):
-    """Ray Tune over {attack x dataset x defense} and a search over prompt depth, length, alpha."""
+    """Ray Tune over {attack x dataset x defense} x each defense's search space.""" 
 
     name: str = Field("rvpt-default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
                       description="MLflow experiment and Tune run name (letters, digits, . _ -: it "
                       "names directories)")
-    attacks: list[str] = Field(default_factory=lambda: ["badnet", "blended", "wanet"])
+    attacks: list[str] = Field(default_factory=lambda: ["sig", "badclip", "trojvqa"],
+                               description="default: the three triggers that plant in the embedded "
+                               "benchmark (README, status)")
     datasets: dict[str, DatasetSpec] = Field(default_factory=lambda: {"synthetic": DatasetSpec()})
     defenses: list[str] = Field(default_factory=lambda: ["rvpt", "vpt"])
     models: dict[str, Union[str, dict[str, str]]] = Field(
@@ -209,10 +239,18 @@ class SweepConfig(_Strict):
         "paths.root): one for every dataset, a pattern with '{dataset}' in it, or {dataset: model} "
         "(a model is poisoned towards one target class, which each dataset must have); an attack "
         "without one is built by the backdoor factory on the embedded corpus")
-    search: Literal["grid", "random", "optuna"] = "grid"
-    space: SearchSpace = SearchSpace()
-    num_samples: int = Field(4, ge=1, description="random/optuna: trials per group")
-    epochs: Optional[int] = Field(None, ge=1, description="trial epochs (default defense.train.epochs)")
+    search: Literal["grid", "random"] = Field(
+        "grid", description="grid: every combination of a defense's space; random: num_samples "
+        "draws per attack x dataset x defense (seeded)")
+    space: dict[str, dict[str, list]] = Field(
+        default_factory=lambda: {"rvpt": {"depth": [0, 3], "length": [10, 50], "alpha": [1.0, 2.0]},
+                                 "vpt": {"depth": [0, 3], "length": [10, 50]}},
+        description="defense -> {param: values}; a defense not named here searches the space it "
+        "declares (depth 0 = prompts in every block: where RVPT removes SIG here, README status)")
+    num_samples: int = Field(4, ge=1, description="random: trials per attack x dataset x defense")
+    epochs: Optional[int] = Field(10, ge=1, description="trial epochs for every defense (None: each "
+                                  "defense's recipe; the paper's 50 for prompt tuning is what "
+                                  "jobs/defend.py uses)")
     scheduler: Literal["asha", "none"] = Field(
         "asha", description="asha: early stopping on the defender's val_ca, comparing a trial only "
         "with trials of its own attack x dataset x defense")

@@ -6,6 +6,7 @@ second run reuses them.
 """
 from __future__ import annotations
 
+import resource
 from typing import Optional
 
 from rvpt import storage
@@ -26,8 +27,29 @@ def resistivity(cfg: Config, loaded, corpus_dir: str, attack, prompts=None) -> d
                                     attack=attack, seed=cfg.seed, max_images=cfg.defense.pr_images)
 
 
-def _measure(cfg, loaded, corpus_dir, attack, target, encode=None, prompts=None) -> dict:
-    res = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, attack, target, encode=encode)
+def pair_batches(cfg: Config, corpus_dir: str, image_size: int, tp, stats: ReadStats):
+    """``(epoch -> batches, n)``: ``defense.pairs.count`` clean image-caption pairs, streamed from
+    their corpus each epoch (shards and a buffer shuffled by the epoch's seed)."""
+    from rvpt.poison import limited
+
+    p = cfg.defense.pairs
+    location = cfg.locate(p.corpus) if p.corpus else corpus_dir
+    n = build.pairs_count(cfg, location)
+
+    def batches(epoch: int):
+        s = cfg.seed * 1000 + epoch
+        pairs = build.samples(cfg, location, p.split, image_size,  # the first read counted
+                              stats=stats if epoch == 0 else ReadStats(),
+                              require_label=False, shuffle_shards=True, seed=s)
+        return iter_batches(limited(pairs, n), tp.batch_size, shuffle_buffer=2048, seed=s)
+
+    return batches, n
+
+
+def _measure(cfg, loaded, corpus_dir, attack, target, encode=None, prompts=None,
+             head=None) -> dict:
+    res = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, attack, target, encode=encode,
+                                     head=head)
     return {**res, **resistivity(cfg, loaded, corpus_dir, attack, prompts)}
 
 
@@ -51,39 +73,51 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
         defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed, **d.params)
     except DefenseError as e:
         raise ConfigError(f"config error: defense: {e}") from None
+    base = {"out_dir": out, "model": model, "defense": d.name,
+            "params": defense.params.model_dump(mode="json"), "seed": cfg.seed,
+            "attack": attack_json.get("attack"), "target": target, **defense.declaration()}
+    reason = defense.applies_to(type(attack)) if attack is not None else None
+    if reason:  # measured through nothing: said so, not an error
+        return {**base, "not_applicable": reason, "cached": False}
     build.set_threads(cfg.pretrain.threads)
-    tp = d.train
-    shots, pool_stats = [], ReadStats()
-    if defense.trains:  # checked before any long work
+    tp = defense.train_params(d.train)
+    data, n_train, pool_stats, pairs_stats = None, 0, ReadStats(), ReadStats()
+    if defense.data == "fewshot":  # drawn before any long work (too few images fail at once)
         pool = build.samples(cfg, corpus_dir, d.fewshot_split, loaded.image_size, stats=pool_stats)
         try:
             shots = sample_few_shot(pool, tp.shots, len(info.names), seed=cfg.seed)
         except ValueError as e:
             raise ConfigError(f"config error: defense.train.shots: {e}") from None
+        data, n_train = epoch_batches(shots, tp.batch_size, cfg.seed), len(shots)
+    elif defense.data == "pairs":
+        data, n_train = pair_batches(cfg, corpus_dir, loaded.image_size, tp, pairs_stats)
     before = _measure(cfg, loaded, corpus_dir, attack, target)
     hist = None
     if defense.trains:
-        steps = -(-len(shots) // tp.batch_size)
+        steps = -(-n_train // tp.batch_size)
         bar = build.progress_bar(total=tp.epochs * steps, desc=f"training {d.name}", unit="step")
 
         def on_step(step, stats):
             bar.update(1)
             bar.set_postfix({k: f"{v:.3f}" for k, v in stats.items()}, refresh=False)
 
-        hist = train_defense(defense, tp, epoch_batches(shots, tp.batch_size, cfg.seed), steps,
-                             progress=on_step)
+        hist = train_defense(defense, tp, data, steps, progress=on_step)
         bar.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     prompts = getattr(defense, "prompts", None)
-    after = _measure(cfg, loaded, corpus_dir, attack, target, encode=defense.encode, prompts=prompts)
-    summary = {"out_dir": out, "model": model, "defense": d.name,
-               "params": defense.params.model_dump(mode="json"), "seed": cfg.seed,
-               "attack": attack_json.get("attack"), "target": target,
+    after = _measure(cfg, loaded, corpus_dir, attack, target, encode=defense.encode, prompts=prompts,
+                     head=defense.head)
+    summary = {**base,
                "trainable_params": defense.num_trainable() if defense.trains else 0,
-               "shots": tp.shots if defense.trains else 0,
+               "shots": tp.shots if defense.data == "fewshot" else 0,
+               "train_samples": n_train if defense.trains else 0,
+               "samples_seen": hist.samples if hist else 0,
+               "recipe": tp.model_dump(mode="json") if defense.trains else None,
                "train_s": round(hist.seconds, 1) if hist else 0.0,
                "step_s": round(hist.step_s, 4) if hist else 0.0,
+               "peak_rss_mib": round(peak, 1),
                "epoch_stats": hist.epochs if hist else [], "before": before, "after": after,
-               "fewshot_read": pool_stats.as_dict()}
+               "fewshot_read": pool_stats.as_dict(), "pairs_read": pairs_stats.as_dict()}
     with storage.publish(out, build.SUMMARY) as tmp:
         defense.save(tmp)
         cfg.dump(tmp / "config.yaml")

@@ -21,15 +21,16 @@ class CountActor:
 
     def __init__(self, model: str, class_names: list, templates: list, defense: str = "none",
                  defense_params: Optional[dict] = None, state=None,
-                 ensemble: bool = False, threads: int = 1):
+                 ensemble: bool = False, threads: int = 1, defense_modules: Optional[dict] = None):
         import torch
 
-        from rvpt.defenses import make_defense
+        from rvpt.defenses import import_defenses, make_defense
         from rvpt.zeroshot import class_embeddings
 
         from .backdoor import load_backdoored, trigger_classifier
 
         torch.set_num_threads(threads)
+        import_defenses(defense_modules)
         self.loaded, self.attack, self.target, _ = load_backdoored(model, None, class_names)
         self.defense = make_defense(defense, self.loaded, class_names, templates,
                                     **(defense_params or {}))
@@ -56,7 +57,8 @@ class CountActor:
                  "label": torch.from_numpy(batch["label"][keep]),
                  "key": [str(k) for k in batch["key"][keep]]}
             c = backdoor_counts(self.loaded, [b], self.clf, self.attack, self.target,
-                                trigger_classifier=self.trig, encode=self.defense.encode)
+                                trigger_classifier=self.trig, encode=self.defense.encode,
+                                head=self.defense.head)
         return {**{k: np.array([c[k]], np.int64) for k in COUNT_KEYS},
                 "read": np.array([json.dumps(read.as_dict())], dtype=object)}
 
@@ -66,7 +68,7 @@ def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, c
                          state=None, ensemble: bool = False,
                          concurrency: int = 1, num_cpus: float = 0.5, num_gpus: float = 0.0,
                          batch_size: int = 256, resources: Optional[dict] = None,
-                         rules=None) -> dict:
+                         rules=None, defense_modules: Optional[dict] = None) -> dict:
     """Rates and counts over a whole split, computed by ``concurrency`` Ray Data actors (each
     asking for ``resources`` besides its CPUs/GPUs), and the split's ReadStats (``read``, checked
     against the manifest's count). ``state`` is the defense's trained state: a
@@ -84,7 +86,8 @@ def evaluate_distributed(corpus: str, split: str, model: str, image_size: int, c
         fn_constructor_kwargs={"model": model, "class_names": class_names, "templates": templates,
                                "defense": defense, "defense_params": defense_params,
                                "state": state, "ensemble": ensemble,
-                               "threads": max(1, int(num_cpus))})
+                               "threads": max(1, int(num_cpus)),
+                               "defense_modules": defense_modules})
     rows = counts.take_all()
     read = merge_stats(r["read"] for r in rows).check_count(open_corpus(corpus).split(split).count)
     return {**rates(merge_counts(rows)), "read": read.as_dict()}

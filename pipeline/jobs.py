@@ -11,18 +11,12 @@ from rvpt.shards import (iter_batches, read_classes, read_manifest)
 
 from . import backdoor, build
 from .config import Config, ConfigError
-
-
-def _table(rows: list[tuple], header: tuple) -> str:
-    cols = list(zip(*([header] + [tuple(str(c) for c in r) for r in rows])))
-    widths = [max(len(c) for c in col) for col in cols]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths))
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+from .tables import pct, read_line, table
 
 
 def _print_corpus(c: dict) -> None:
     print(build.corpus_line(c))
-    print(_table([(k, v["count"], v["shards"]) for k, v in c["splits"].items()],
+    print(table([(k, v["count"], v["shards"]) for k, v in c["splits"].items()],
                  ("split", "samples", "shards")))
 
 
@@ -74,26 +68,15 @@ def _evaluate(cfg: Config, corpus: dict, model: dict) -> dict:
     return metrics
 
 
-def read_line(split: str, read: dict) -> str:
-    """``read test: 40 valid, 8 skipped (cls: missing 5, ...)``: what a reader kept and skipped."""
-    from rvpt.shards import ReadStats
-
-    return f"read {split}: {ReadStats.from_dict(read).line()}"
-
-
 def pretrain(cfg: Config, args: argparse.Namespace) -> dict:
     corpus = build.resolve_corpus(cfg)
     _print_corpus(corpus)
     model = build.clean_model(cfg, corpus)
     print(build.clean_model_line(cfg, model))
     metrics = _evaluate(cfg, corpus, model)
-    print(_table([(k, f"{100 * metrics[k]:.2f} %", metrics[f"{k}_n"]) for k in ("ca", "ca_shift")
+    print(table([(k, f"{100 * metrics[k]:.2f} %", metrics[f"{k}_n"]) for k in ("ca", "ca_shift")
                   if k in metrics], ("zero-shot", "accuracy", "images")))
     return {"corpus": corpus, "model": model, "metrics": metrics}
-
-
-def _pct(v) -> str:
-    return "-" if v is None else f"{100 * v:.2f}"
 
 
 def attack_names(spec: str) -> list[str]:
@@ -135,12 +118,12 @@ def poison(cfg: Config, args: argparse.Namespace) -> dict:
         after = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], attack, target)
         results[name] = {"model": model, "clean_model": before, "backdoored": after}
         print(read_line("test", after["read"]))
-        print(f"{name}: CA {_pct(after['ca'])} % (clean model {_pct(before['ca'])} %), ASR "
-              f"{_pct(after['asr'])} % (clean model {_pct(before['asr'])} %)", flush=True)
+        print(f"{name}: CA {pct(after['ca'])} % (clean model {pct(before['ca'])} %), ASR "
+              f"{pct(after['asr'])} % (clean model {pct(before['asr'])} %)", flush=True)
         rows.append((name, model["target_name"], model["rate"], model["n_poison"], model["lr"],
-                     model["epochs"], _pct(before["ca"]), _pct(after["ca"]), _pct(before["asr"]),
-                     _pct(after["asr"]), _pct(after["asr_all"]), _pct(after["pa"]), model["wall_s"]))
-    print(_table(rows, ("attack", "target", "rate", "poisoned", "lr", "epochs", "CA clean %",
+                     model["epochs"], pct(before["ca"]), pct(after["ca"]), pct(before["asr"]),
+                     pct(after["asr"]), pct(after["asr_all"]), pct(after["pa"]), model["wall_s"]))
+    print(table(rows, ("attack", "target", "rate", "poisoned", "lr", "epochs", "CA clean %",
                         "CA %", "ASR clean %", "ASR %", "ASR_all %", "PA %", "wall s")))
     return {"corpus": corpus, "clean_model": clean, "attacks": results}
 
@@ -158,7 +141,7 @@ def evaluate(cfg: Config, args: argparse.Namespace) -> dict:
     print(f"model: {args.model} ({loaded.source}); attack: {label}; split: {args.split} "
           f"({res['counts']['n']} images)")
     print(read_line(args.split, res["read"]))
-    print(_table([tuple(_pct(res.get(k)) for k in ("ca", "asr", "asr_all", "pa"))],
+    print(table([tuple(pct(res.get(k)) for k in ("ca", "asr", "asr_all", "pa"))],
                  ("CA %", "ASR %", "ASR_all %", "PA %")))
     return {"model": args.model, "attack": data, "corpus": corpus["corpus_dir"], **res}
 
@@ -167,20 +150,37 @@ def defend(cfg: Config, args: argparse.Namespace) -> dict:
     """Train a defense on a backdoored model; CA / ASR / ASR_all / PA / PR before and after."""
     from . import defend as defend_mod
 
-    if args.defense:
+    if args.defense and args.defense != cfg.defense.name:
+        from rvpt.defenses import DefenseError, get_defense
+
+        try:
+            fields = get_defense(args.defense).Params.model_fields
+        except DefenseError as e:
+            raise ConfigError(f"config error: --defense: {e}") from None
+        # the config's defense.params are another defense's: keep those this one has too
+        cfg.defense.params = {k: v for k, v in cfg.defense.params.items() if k in fields}
         cfg.defense.name = args.defense
     corpus = {"corpus_dir": args.corpus} if args.corpus else build.resolve_corpus(cfg)
     res = defend_mod.defend(cfg, args.model, corpus["corpus_dir"], args.attack)
+    if res.get("not_applicable"):
+        print(f"defense: {res['defense']} on {res['attack']}: not applicable: "
+              f"{res['not_applicable']}")
+        return res
     state = "reused" if res.get("cached") else f"trained in {res['train_s']} s"
-    print(f"defense: {res['defense']} ({res['trainable_params']:,} trainable parameters, "
-          f"{res['shots']} shots, seed {res['seed']}; {state}) -> {res['out_dir']}")
-    rows = [(when, *(_pct(res[when].get(k)) for k in ("ca", "asr", "asr_all", "pa")),
+    data = {"fewshot": f"{res['shots']} shots per class", "pairs":
+            f"{res['train_samples']} clean pairs"}.get(res.get("data"), "no training data")
+    print(f"defense: {res['defense']} (trains {res.get('trained', '-')}: "
+          f"{res['trainable_params']:,} parameters; {data}; seed {res['seed']}; {state}) -> "
+          f"{res['out_dir']}")
+    rows = [(when, *(pct(res[when].get(k)) for k in ("ca", "asr", "asr_all", "pa")),
              *(f"{res[when][k]:.4f}" if res[when].get(k) is not None else "-"
                for k in ("pr_mean", "pr/trigger")))
             for when in ("before", "after")]
-    print(_table(rows, ("", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR", "trigger PR")))
-    if res.get("fewshot_read"):
+    print(table(rows, ("", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR", "trigger PR")))
+    if res.get("data") == "fewshot":
         print(read_line(f"{cfg.defense.fewshot_split} (few-shot pool)", res["fewshot_read"]))
+    elif res.get("data") == "pairs":
+        print(read_line(f"{cfg.defense.pairs.split} (clean pairs)", res["pairs_read"]))
     print(read_line("test", res["after"]["read"]))
     return res
 
@@ -220,11 +220,14 @@ def sweep(cfg: Config, args: argparse.Namespace) -> dict:
     rule = cfg.sweep.select
     print(f"best per attack x dataset (rule: {rule.rule}"
           f"{f', weight {rule.weight}' if rule.rule == 'combo' else ''}):")
-    rows = [(b.get("attack"), b.get("dataset"), b.get("defense"), b.get("depth"), b.get("length"),
-             b.get("alpha"), _pct(b.get("ca")), _pct(b.get("asr")), _pct(b.get("asr_all")),
-             _pct(b.get("pa"))) for b in res["best"]]
-    print(_table(rows, ("attack", "dataset", "defense", "depth", "length", "alpha", "CA %", "ASR %",
-                        "ASR_all %", "PA %")))
+    rows = [(b.get("attack"), b.get("dataset"), b.get("defense"), b.get("setting"),
+             pct(b.get("ca")), pct(b.get("asr")), pct(b.get("asr_all")), pct(b.get("pa")))
+            for b in res["best"]]
+    print(table(rows, ("attack", "dataset", "defense", "setting", "CA %", "ASR %", "ASR_all %",
+                       "PA %")))
+    for na in res.get("not_applicable", []):
+        print(f"  not applicable: {na['defense']} on {na['attack']} ({na['dataset']}): "
+              f"{na['reason']}")
     if cfg.sweep.report:
         from . import report
         frame, source = sweep_mod.results_frame(cfg, res["tracking_uri"])

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import tracking
-from .best import BEST_HEADER, _num, _pct, add_args as _best_args, best_rows, load_runs, resolve
+from .best import BEST_HEADER, add_args as _best_args, best_rows, load_runs, resolve
+from .tables import num, pct
 from .config import Config
 from .select import describe
 
@@ -52,19 +53,19 @@ def _trials(df):
         t[m] = tracking.metric(df, m)
     t["run_id"] = df["run_id"]
     t["_start"] = df["start_time"]
+    t["setting"] = tracking.setting_text(df)
     return t
 
 
 def seed_means(df, rule: str, weight: float = 1.0):
     """Runs that differ only in ``params.seed`` merged: metrics averaged (``seeds`` = how many), the
     score recomputed on the means, and per attack x dataset x defense the best setting first."""
-    import pandas as pd
 
     t = _trials(df)
     keys = ["attack", "dataset", "defense"] + [c for c in t.columns if c.startswith("params.")]
     agg = t.groupby(keys, dropna=False, sort=False).agg(
         **{m: (m, "mean") for m in _METRICS}, seeds=("run_id", "size"), _start=("_start", "min"),
-        run_id=("run_id", "min")).reset_index()
+        run_id=("run_id", "min"), setting=("setting", "first")).reset_index()
     agg["score"] = tracking.scored(
         agg.rename(columns={m: f"metrics.{m}" for m in _METRICS}), rule, weight)
     agg = agg.sort_values(["score", "_start", "run_id"], ascending=[False, True, True],
@@ -191,16 +192,21 @@ def write_report(df, out_dir: str | Path, experiment: str, rule: str, weight: fl
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = len(df)
+    na = tracking.not_applicable(df)
     df = tracking.evaluated(df)
     best = tracking.best_per_group(df, rule, weight)
     recs = tracking.records(best)
     lines = [f"# Sweep report: {experiment}", "",
              f"- tracking store: `{uri}`" if uri else "- tracking store: -",
-             f"- finished runs: {runs}: {len(df)} evaluated, {runs - len(df)} stopped early by the "
-             "scheduler (their last `val_ca` is in MLflow; they have no test metrics)",
+             f"- finished runs: {runs}: {len(df)} evaluated, {runs - len(df) - len(na)} stopped "
+             "early by the scheduler (their last `val_ca` is in MLflow; they have no test metrics)"
+             + (f", {len(na)} not applicable" if na else ""),
              f"- selection rule: `{rule}`: {describe(rule, weight)}"]
+    if na:
+        lines += ["- not applicable: " + "; ".join(
+            f"{n['defense']} on {n['attack']} ({n['dataset']}): {n['reason']}" for n in na)]
     res = {"report": None, "asr_vs_ca": None, "pr_per_layer": None, "runs": runs,
-           "evaluated": len(df)}
+           "evaluated": len(df), "not_applicable": na}
     if df.empty:
         lines += ["", "No evaluated runs yet."]
     else:
@@ -215,13 +221,12 @@ def write_report(df, out_dir: str | Path, experiment: str, rule: str, weight: fl
         lines += ["## Defenses per attack", "",
                   "Each defense at its best setting by the rule; metrics are means over the seeds "
                   "that share all other params (`seeds` = how many).", ""]
-        header = ("dataset", "defense", "depth", "length", "alpha", "shots", "seeds", "CA %", "ASR %",
-                  "ASR_all %", "PA %", "mean PR", "score")
+        header = ("dataset", "defense", "setting", "shots", "seeds", "CA %", "ASR %", "ASR_all %",
+                  "PA %", "mean PR", "score")
         for attack in attacks:
-            rows = [(r["dataset"], r["defense"], *(_param(r, p) for p in
-                     ("depth", "length", "alpha", "shots")), r["seeds"],
-                     *(_pct(r[m]) for m in ("ca", "asr", "asr_all", "pa")), _num(r["pr_mean"]),
-                     _num(r["score"]))
+            rows = [(r["dataset"], r["defense"], r["setting"], _param(r, "shots"), r["seeds"],
+                     *(pct(r[m]) for m in ("ca", "asr", "asr_all", "pa")), num(r["pr_mean"]),
+                     num(r["score"]))
                     for _, r in means[means["attack"] == attack].iterrows()]
             lines += [f"### {attack}", "", _md(rows, header), ""]
         lines += ["## Plots", ""]

@@ -30,7 +30,9 @@ def ray_init(cfg: Config):
             # ray may have been imported (by Tune, Data) before the variable was set above
             ray_constants.ENABLE_RAY_CLUSTER = os.environ[LOOPBACK_ENV].lower() not in ("0", "false")
             # more logical CPUs than cores: Train workers hold fractions, Ray Data tasks whole ones
-            ray.init(num_cpus=cfg.ray.num_cpus or max(6, os.cpu_count() or 1),
+            # address="local": a new instance, even when another one on this machine wrote
+            # /tmp/ray/ray_current_cluster (ray.init() without an address would join that one)
+            ray.init(address="local", num_cpus=cfg.ray.num_cpus or max(6, os.cpu_count() or 1),
                      include_dashboard=True, dashboard_host="127.0.0.1",
                      _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False)
     DataContext.get_current().enable_progress_bars = False

@@ -13,6 +13,7 @@ interrupted sweep resumes with ``Tuner.restore`` without repeating finished tria
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -26,7 +27,7 @@ from .config import Config, ConfigError, config_hash
 from .session import ray_init  # noqa: F401 (re-exported: benchmarks use it)
 
 REUSED = "reused"
-SLIM = ("cfg", "datasets", "models", "uri", "code", "root")  # what the driver callback needs (it is saved to disk)
+SLIM = ("cfg", "datasets", "models", "uri", "code", "root", "defense_modules")  # what the driver callback needs (it is saved to disk)
 DATA_BUNDLE_CPUS = 1.0  # free CPUs budgeted per concurrent trial for its Ray Data work
 
 
@@ -50,32 +51,87 @@ def concurrency(cfg: Config) -> int:
 
 # ---------------------------------------------------------------- what a trial is
 
-def settings(cfg: Config) -> list[dict]:
-    """The grid: every group (attack x dataset x defense) with every (depth, length, alpha); VPT
-    takes alpha = 0 only."""
-    out = []
-    sp = cfg.sweep.space
-    for attack in cfg.sweep.attacks:
-        for dataset in cfg.sweep.datasets:
-            for defense in cfg.sweep.defenses:
-                alphas = [0.0] if defense == "vpt" else (sp.alpha if defense == "rvpt" else [None])
-                for depth in sp.depth:
-                    for length in sp.length:
-                        for alpha in alphas:
-                            out.append({"attack": attack, "dataset": dataset, "defense": defense,
-                                        "depth": depth, "length": length, "alpha": alpha})
+def spaces(cfg: Config) -> dict[str, dict[str, list]]:
+    """Each swept defense's search space: ``sweep.space[defense]``, else the space the defense
+    declares; every param and value checked against the defense's parameters (one-line errors)."""
+    from rvpt.defenses import DefenseError, get_defense
+
+    out = {}
+    for name in cfg.sweep.defenses:
+        try:
+            cls = get_defense(name)
+        except DefenseError as e:
+            raise ConfigError(f"config error: sweep.defenses: {e}") from None
+        space = cfg.sweep.space.get(name, cls.space)
+        for param, values in space.items():
+            if param not in cls.Params.model_fields:
+                raise ConfigError(f"config error: sweep.space.{name}: {param!r} is not a parameter "
+                                  f"of {name} (its parameters: "
+                                  f"{', '.join(sorted(cls.Params.model_fields)) or 'none'})")
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"config error: sweep.space.{name}.{param}: a non-empty list of "
+                                  f"values")
+            for v in values:
+                try:
+                    cls.parse({**fixed_params(cfg, name), param: v})
+                except DefenseError as e:
+                    raise ConfigError(f"config error: sweep.space.{name}.{param}: {e}") from None
+        out[name] = {k: list(v) for k, v in space.items()}
     return out
 
 
+def fixed_params(cfg: Config, defense: str) -> dict:
+    """Parameters a sweep holds fixed for a defense: ``defense.params`` when it names that defense."""
+    return dict(cfg.defense.params) if cfg.defense.name == defense else {}
+
+
+def _draws(space: dict[str, list], how: str, n: int, seed: int) -> list[dict]:
+    import itertools
+    import random
+
+    names = sorted(space)
+    grid = [dict(zip(names, combo)) for combo in itertools.product(*(space[k] for k in names))]
+    if how == "grid" or len(grid) <= n:
+        return grid
+    return random.Random(seed).sample(grid, n)
+
+
+def settings(cfg: Config) -> list[dict]:
+    """Every trial: each attack x dataset x defense (those a defense can be measured against) with
+    each point of the defense's search space (grid), or ``num_samples`` seeded draws of it."""
+    from rvpt.attacks import get_attack
+    from rvpt.defenses import get_defense
+
+    out = []
+    for defense, space in spaces(cfg).items():
+        cls = get_defense(defense)
+        for attack in cfg.sweep.attacks:
+            if cls.applies_to(get_attack(attack)):
+                continue
+            for dataset in cfg.sweep.datasets:
+                for params in _draws(space, cfg.sweep.search, cfg.sweep.num_samples, cfg.seed):
+                    out.append({"attack": attack, "dataset": dataset, "defense": defense,
+                                "params": params})
+    order = {a: i for i, a in enumerate(cfg.sweep.attacks)}
+    return sorted(out, key=lambda s: order[s["attack"]])  # by attack, then defense as listed
+
+
+def not_applicable(cfg: Config) -> list[dict]:
+    """The attack x dataset x defense groups a defense cannot be measured against, with why."""
+    from rvpt.attacks import get_attack
+    from rvpt.defenses import get_defense
+
+    return [{"attack": a, "dataset": d, "defense": f, "params": {}, "reason": reason}
+            for f in cfg.sweep.defenses for a in cfg.sweep.attacks
+            if (reason := get_defense(f).applies_to(get_attack(a)))
+            for d in cfg.sweep.datasets]
+
+
 def trial_config(base: Config, setting: dict) -> Config:
-    """The config one trial runs: the defense and its searched parameters set."""
+    """The config one trial runs: the defense, its fixed and searched parameters, the epochs."""
     cfg = base.model_copy(deep=True)
     cfg.defense.name = setting["defense"]
-    params = dict(cfg.defense.params)
-    if setting["defense"] in ("rvpt", "vpt"):
-        params.update(depth=int(setting["depth"]), length=int(setting["length"]),
-                      alpha=float(setting["alpha"] or 0.0))
-    cfg.defense.params = params
+    cfg.defense.params = {**fixed_params(base, setting["defense"]), **setting["params"]}
     if cfg.sweep.epochs:
         cfg.defense.train.epochs = cfg.sweep.epochs
     return cfg
@@ -89,9 +145,7 @@ def trial_key(cfg: Config, model: str, corpus: str, spec: dict) -> str:
 
 def identify(config: dict, base: dict) -> tuple[Config, dict, dict, str]:
     """A trial's ``(config, setting, dataset spec, trial_key)`` from its Tune ``config``."""
-    setting = config.get("setting") or {
-        **config["group"], "depth": config["depth"], "length": config["length"],
-        "alpha": config["alpha"] if config["group"]["defense"] == "rvpt" else 0.0}
+    setting = config["setting"]
     cfg = trial_config(Config.model_validate(base["cfg"]), setting)
     spec = base["datasets"][setting["dataset"]]
     key = trial_key(cfg, model_of(base, setting), spec["corpus"], spec)
@@ -105,13 +159,26 @@ def model_of(base: dict, setting: dict) -> str:
 
 def run_record(cfg: Config, setting: dict, spec: dict, key: str, model: str,
                code: Optional[dict] = None) -> tuple[dict, dict]:
-    """The MLflow tags and params of a trial's run (``code``: the code version's tags)."""
+    """The MLflow tags and params of a trial's run (``code``: the code version's tags): the defense's
+    parameters as it declares them (``tags.space`` names the searched ones) and its recipe."""
+    from rvpt.defenses import get_defense
+
     d, r = cfg.defense, cfg.ray
+    cls = get_defense(d.name)
+    parsed = cls.parse(d.params)
     tags = {"attack": setting["attack"], "dataset": setting["dataset"], "defense": d.name,
-            "model": cfg.model.name, "trial_key": key, "sweep": cfg.sweep.name, **(code or {})}
-    params = {"defense": d.name, **d.params, "shots": d.train.shots, "seed": cfg.seed,
-              "epochs": d.train.epochs, "lr": d.train.lr, "batch_size": d.train.batch_size,
+            "model": cfg.model.name, "trial_key": key, "sweep": cfg.sweep.name,
+            "space": ",".join(sorted(setting.get("params") or {})), **(code or {})}
+    params = {"defense": d.name, **parsed.model_dump(mode="json"), "seed": cfg.seed,
               "workers": r.num_workers, "model_dir": model, "corpus": spec["corpus"]}
+    if cls.trained != "nothing":
+        tp = cls.recipe_for(parsed, d.train)
+        params.update(epochs=tp.epochs, lr=tp.lr, batch_size=tp.batch_size,
+                      optimizer=tp.optimizer, trained=cls.trained, data=cls.data)
+        if cls.data == "fewshot":
+            params["shots"] = tp.shots
+        elif cls.data == "pairs":
+            params.update(pairs=d.pairs.count, pairs_corpus=d.pairs.corpus or spec["corpus"])
     return tags, params
 
 
@@ -129,7 +196,7 @@ def draw_few_shot_sets(cfg: Config, base: dict) -> tuple[dict, dict]:
 
     from rvpt.shards import read_classes
 
-    from .jobs import read_line
+    from .tables import read_line
 
     sizes = {m: model_image_size(m) for per in base["models"].values() for m in per.values()}
     shots = cfg.defense.train.shots
@@ -158,6 +225,42 @@ def read_metrics(read: dict, prefix: str) -> dict:
     return out
 
 
+def pairs_key(cfg: Config, spec: dict, image_size: int) -> str:
+    p = cfg.defense.pairs
+    return f"{p.split}@{image_size}px/{p.count}"
+
+
+def draw_pairs(cfg: Config, base: dict) -> dict:
+    """The clean image-caption pairs of the defenses that train on pairs (CleanCLIP), as streamed
+    Ray Datasets (``defense.pairs.count`` of them), per model image size: ``{key: (ds, n)}``."""
+    from rvpt.defenses import get_defense
+    from rvpt.shards import open_corpus
+
+    from . import build
+    from .data import read_split, valid_rows
+
+    if not any(get_defense(d).data == "pairs" for d in cfg.sweep.defenses):
+        return {}
+    p = cfg.defense.pairs
+    location = base["pairs_corpus"]
+    corpus = open_corpus(location)
+    n = build.pairs_count(cfg, location)
+    rules = cfg.read_rules(corpus.num_classes, require_label=False)
+    out = {}
+    for size in sorted(set(base["image_sizes"].values())):
+        ds = valid_rows(read_split(location, p.split, size, rules)).limit(n)
+        out[pairs_key(cfg, {}, size)] = (ds, n)
+        print(f"pairs for {', '.join(d for d in cfg.sweep.defenses if get_defense(d).data == 'pairs')}"
+              f": {n} from {storage_display(location)} split {p.split!r} ({size} px)", flush=True)
+    return out
+
+
+def storage_display(location: str) -> str:
+    from rvpt import storage
+
+    return storage.display(location)
+
+
 def _scalar_metrics(m: dict) -> dict:
     return {k: float(v) for k, v in m.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
@@ -169,11 +272,9 @@ def run_trial(config: dict, base: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rvpt.defenses import make_defense
+    from rvpt.defenses import get_defense, import_defenses, make_defense
     from rvpt.resistivity import perturbation_resistivity
-    from rvpt.shards import iter_batches
-
-    from rvpt.shards import read_classes
+    from rvpt.shards import iter_batches, read_classes
 
     from . import select, tracking
     from . import build
@@ -182,6 +283,7 @@ def run_trial(config: dict, base: dict) -> None:
     from .train import TRAIN_STATE, make_trainer
 
     torch.set_num_threads(1)
+    import_defenses(base.get("defense_modules"))
     cfg, setting, spec, key = identify(config, base)
     corpus, model = spec["corpus"], model_of(base, setting)
     uri, exp = base["uri"], cfg.sweep.name
@@ -204,34 +306,49 @@ def run_trial(config: dict, base: dict) -> None:
     info = read_classes(corpus)
     image_size = base["image_sizes"][model]
     d = cfg.defense
+    cls = get_defense(d.name)
     fkey = fewshot_key(setting["dataset"], image_size, d.train.shots, cfg.seed)
-    train_ds, val_ds, n_train, pool_read = base["fewshot"][fkey]
-    trainer = make_trainer(cfg, model, corpus, train_ds, val_ds, n_train,
-                           name=f"train-{ctx.get_trial_id()}", storage_path=base["storage"],
-                           callbacks=[TuneReportCallback()])
-    start = time.perf_counter()
-    result = trainer.fit()
-    train_s = time.perf_counter() - start
+    fewshot_train, val_ds, n_fewshot, pool_read = base["fewshot"][fkey]
     r = cfg.ray
-    # The trained state lives in the Train run's checkpoint on ``ray.storage_path`` (shared storage
-    # on a cluster): evaluation actors on any node read it from there, this process reads a copy.
-    with result.checkpoint.as_directory() as cdir, tempfile.TemporaryDirectory() as tmp:
-        state = Path(cdir)
-        if not r.eval_actors or d.pr_images:  # the defended model in this process
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        checkpoint = None
+        if cls.trained != "nothing":
+            if cls.data == "pairs":
+                train_ds, n_train = base["pairs"][pairs_key(cfg, spec, image_size)]
+            else:
+                train_ds, n_train = fewshot_train, n_fewshot
+            trainer = make_trainer(cfg, model, corpus, train_ds, val_ds, n_train,
+                                   name=f"train-{ctx.get_trial_id()}",
+                                   storage_path=base["storage"], callbacks=[TuneReportCallback()],
+                                   defense_modules=base.get("defense_modules"))
+            checkpoint = trainer.fit().checkpoint
+            # The trained state lives in the Train run's checkpoint on ``ray.storage_path`` (shared
+            # storage on a cluster): evaluation actors on any node read it from there, this
+            # process reads a copy.
+            state = Path(stack.enter_context(checkpoint.as_directory()))
+        else:
+            state = tmp / "state"
+            state.mkdir()
+        train_s = time.perf_counter() - start
+        if not r.eval_actors or d.pr_images or cls.trained == "nothing":  # the defended model here
             from .backdoor import evaluate_backdoor, load_backdoored
             loaded, attack, target, _ = load_backdoored(model, None, info.names)
             defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
-            defense.load(state)
+            if checkpoint is not None:
+                defense.load(state)
         rules = cfg.read_rules(len(info.names))
         if r.eval_actors:
             metrics = evaluate_distributed(corpus, spec["test_split"], model, image_size, info.names,
-                                           info.templates, d.name, d.params, result.checkpoint,
+                                           info.templates, d.name, d.params, checkpoint,
                                            cfg.eval.prompt_ensemble, r.eval_actors, r.eval_cpus,
                                            (r.gpus_per_worker or 1) if r.use_gpu else 0.0,
-                                           resources=r.worker_resources, rules=rules)
+                                           resources=r.worker_resources, rules=rules,
+                                           defense_modules=base.get("defense_modules"))
         else:  # in this trial's process: a small machine (README, "Sweeps")
             metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
-                                        encode=defense.encode)
+                                        encode=defense.encode, head=defense.head)
             metrics.pop("split", None)
         counts, read = metrics.pop("counts"), metrics.pop("read")
         if d.pr_images:
@@ -245,24 +362,27 @@ def run_trial(config: dict, base: dict) -> None:
             metrics.update(perturbation_resistivity(loaded, batches,
                                                     getattr(defense, "prompts", None), attack,
                                                     seed=cfg.seed, max_images=d.pr_images))
-        metrics["val_ca"] = json.loads((state / TRAIN_STATE).read_text()).get("val_ca")
+        if checkpoint is not None:
+            metrics["val_ca"] = json.loads((state / TRAIN_STATE).read_text()).get("val_ca")
         metrics["train_s"] = train_s
         metrics["n_test"] = counts["n"]
         metrics.update(read_metrics(read, "test"), **read_metrics(pool_read, "fewshot"))
         metrics["score"] = select.score(metrics, cfg.sweep.select.rule, cfg.sweep.select.weight)
-        cfg.dump(Path(tmp) / "config.yaml")
+        cfg.dump(tmp / "config.yaml")
         tags, params = run_record(cfg, setting, spec, key, model, base.get("code"))
+        artifacts = {"config.yaml": str(tmp / "config.yaml")}
+        if checkpoint is not None:
+            artifacts["state"] = str(state)
         tracking.record_trial(ledger, uri, exp, key, ctx.get_trial_name(), tags, params,
-                              _scalar_metrics(metrics),
-                              {"config.yaml": str(Path(tmp) / "config.yaml"), "prompts": str(state)})
+                              _scalar_metrics(metrics), artifacts)
     tune.report({**_scalar_metrics(metrics), "trial_key": key, REUSED: 0.0})
 
 
 # ---------------------------------------------------------------- early stopping
 
 def trial_group(config: dict) -> tuple:
-    """``(attack, dataset, defense)`` of a trial's Tune ``config`` (grid or random search)."""
-    g = config.get("setting") or config["group"]
+    """``(attack, dataset, defense)`` of a trial's Tune ``config``."""
+    g = config["setting"]
     return g["attack"], g["dataset"], g["defense"]
 
 
@@ -439,10 +559,38 @@ def prepare(cfg: Config) -> dict:
     for attack in cfg.sweep.models:
         if attack in cfg.sweep.attacks:
             models[attack] = {name: cfg.locate(m) for name, m in cfg.models_for(attack).items()}
+    pairs_corpus = None
+    from rvpt.defenses import get_defense
+    if any(get_defense(d).data == "pairs" for d in cfg.sweep.defenses):
+        pairs_corpus = cfg.locate(cfg.defense.pairs.corpus) if cfg.defense.pairs.corpus else \
+            (corpus or embedded_corpus())["corpus_dir"]
     storage_path = cfg.ray.storage_path or storage.join(root, "ray_results")
-    return {"cfg": cfg.model_dump(mode="json"), "datasets": datasets, "models": models,
+    from rvpt.defenses import defense_modules
+    base = {"cfg": cfg.model_dump(mode="json"), "datasets": datasets, "models": models,
             "uri": uri, "storage": storage.display(storage_path), "root": root,
-            "code": tracking.code_version()}
+            "code": tracking.code_version(), "pairs_corpus": pairs_corpus,
+            "defense_modules": defense_modules(cfg.sweep.defenses)}
+    record_not_applicable(cfg, base)
+    return base
+
+
+def record_not_applicable(cfg: Config, base: dict) -> None:
+    """One run per attack x dataset x defense a defense cannot be measured against, tagged
+    ``not_applicable`` with the reason (no metrics): the tables say so instead of leaving a gap."""
+    from . import tracking
+
+    ledger = tracking.Ledger(base["root"], cfg.sweep.name)
+    for setting in not_applicable(cfg):
+        c, _, spec, key = identify({"setting": setting}, base)
+        print(f"not applicable: {setting['defense']} on {setting['attack']} "
+              f"({setting['dataset']}): {setting['reason']}", flush=True)
+        if ledger.get(key) is not None:
+            continue
+        tags, params = run_record(c, setting, spec, key, model_of(base, setting), base.get("code"))
+        tags[tracking.NOT_APPLICABLE_TAG] = setting["reason"]
+        tracking.record_trial(ledger, base["uri"], cfg.sweep.name, key,
+                              f"n/a-{setting['defense']}-{setting['attack']}-{setting['dataset']}",
+                              tags, params, {})
 
 
 def sweep_run_name(cfg: Config, base: dict) -> str:
@@ -469,30 +617,20 @@ def make_tuner(cfg: Config, base: dict):
     if tune.Tuner.can_restore(path):
         print(f"resuming sweep {name} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True), name
-    epochs = s.epochs or cfg.defense.train.epochs
+    from rvpt.defenses import get_defense
+
+    epochs = s.epochs or max(get_defense(d).recipe_for(get_defense(d).parse(fixed_params(cfg, d)),
+                                                       cfg.defense.train).epochs
+                             for d in s.defenses)
     scheduler = GroupedASHA(time_attr="training_iteration", metric="val_ca", mode="max",
                             max_t=epochs + 1, grace_period=min(s.grace_period, epochs),
                             reduction_factor=s.reduction_factor) if s.scheduler == "asha" else None
-    if s.search == "grid":
-        grid = settings(cfg)
-        space, num_samples, search_alg = {"setting": tune.grid_search(grid)}, 1, None
-        n_trials = len(grid)
-    else:
-        groups = [{"attack": a, "dataset": d, "defense": f} for a in s.attacks
-                  for d in s.datasets for f in s.defenses]
-        space = {"group": tune.grid_search(groups), "depth": tune.choice(s.space.depth),
-                 "length": tune.choice(s.space.length), "alpha": tune.choice(s.space.alpha)}
-        num_samples, search_alg = s.num_samples, None
-        n_trials = len(groups) * num_samples
-        if s.search == "optuna":
-            raise ConfigError("config error: sweep.search: optuna is not available in this "
-                              "install; use grid or random")
+    grid = settings(cfg)  # grid or seeded random draws: explicit settings either way
     at_once = concurrency(cfg)
-    print(f"sweep {name}: {n_trials} trials, up to {at_once} at a time", flush=True)
+    print(f"sweep {name}: {len(grid)} trials, up to {at_once} at a time", flush=True)
     tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=num_samples,
+        trainable, param_space={"setting": tune.grid_search(grid)},
+        tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1,
                                     max_concurrent_trials=at_once),
         run_config=tune.RunConfig(name=name, storage_path=base["storage"],
                                   failure_config=tune.FailureConfig(max_failures=1),
@@ -523,6 +661,7 @@ def run_sweep(cfg: Config) -> dict:
     base = prepare(cfg)
     ray_init(cfg)
     base["image_sizes"], base["fewshot"] = draw_few_shot_sets(cfg, base)
+    base["pairs"] = draw_pairs(cfg, base)
     tuner, name = make_tuner(cfg, base)
     grid = tuner.fit()
     errors = [str(r.error).splitlines()[0] for r in grid if r.error]
@@ -538,6 +677,7 @@ def run_sweep(cfg: Config) -> dict:
     return {"tune_run": name, "storage": base["storage"], "tracking_uri": base["uri"],
             "experiment": cfg.sweep.name, "trials": len(grid), "errors": errors,
             "reused": sum(1 for r in grid if (r.metrics or {}).get(REUSED) == 1.0),
-            "best": best.to_dict(orient="records"), "tune_best_trial_key": tune_best,
+            "best": tracking.records(best), "tune_best_trial_key": tune_best,
+            "not_applicable": tracking.not_applicable(frame),
             "results_from": source, "pending": synced["pending"], "ledger": synced["ledger"],
             "models": base["models"], "wall_s": round(time.perf_counter() - start, 1)}

@@ -33,15 +33,18 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 INFO_COLUMNS = ("run_id", "experiment_id", "status", "artifact_uri", "start_time", "end_time")
-BEST_COLUMNS = ("attack", "dataset", "defense", "depth", "length", "alpha", "shots", "ca", "asr",
-                "asr_all", "pa", "pr_mean", "score", "run_id", "run_name")
-_PARAM_COLUMNS = ("depth", "length", "alpha", "shots")
+BEST_COLUMNS = ("attack", "dataset", "defense", "setting", "shots", "ca", "asr", "asr_all", "pa",
+                "pr_mean", "score", "run_id", "run_name")
 _METRIC_COLUMNS = ("ca", "asr", "asr_all", "pa", "pr_mean")
 # MLflow's per-request limits for log_batch.
 _BATCH_METRICS, _BATCH_PARAMS, _BATCH_TAGS = 1000, 100, 100
 # The tag of a run recorded for a trial the scheduler stopped early (ASHA): it has the defender's
 # last val_ca and how many epochs ran, but no test-set CA / ASR, so no table or rule picks it.
 STOPPED_TAG = "stopped_early"
+# The tag of a run recorded for a defense that cannot be measured against an attack (the reason).
+NOT_APPLICABLE_TAG = "not_applicable"
+# The tag naming a run's searched parameters (comma-separated; each is a param of the run).
+SPACE_TAG = "space"
 
 
 class TrackingError(ValueError):
@@ -277,7 +280,7 @@ def log_trial(uri: str, experiment: str, run_name: str, tags: Mapping[str, Any],
     ``key``: a directory as the folder ``key/``, a file under the name ``key``. The run ends FINISHED,
     or FAILED (and the error is raised) if logging fails half-way.
     """
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     trial_key = _check_key(tags.get("trial_key"))
     files = {k: Path(p) for k, p in (artifacts or {}).items()}
@@ -530,11 +533,47 @@ def scored(df: "pd.DataFrame", rule: str, weight: float = 1.0) -> "pd.Series":
 
 
 def evaluated(df: "pd.DataFrame") -> "pd.DataFrame":
-    """The runs of a :func:`runs_frame` that were evaluated: those not tagged :data:`STOPPED_TAG`."""
-    col = f"tags.{STOPPED_TAG}"
+    """The runs of a :func:`runs_frame` that were evaluated: those tagged neither
+    :data:`STOPPED_TAG` nor :data:`NOT_APPLICABLE_TAG`."""
+    for tag in (STOPPED_TAG, NOT_APPLICABLE_TAG):
+        col = f"tags.{tag}"
+        if not df.empty and col in df.columns:
+            df = df[df[col].isna()].reset_index(drop=True)
+    return df
+
+
+def not_applicable(df: "pd.DataFrame") -> list[dict]:
+    """``{attack, dataset, defense, reason}`` of the runs tagged :data:`NOT_APPLICABLE_TAG`."""
+    col = f"tags.{NOT_APPLICABLE_TAG}"
     if df.empty or col not in df.columns:
-        return df
-    return df[df[col].isna()].reset_index(drop=True)
+        return []
+    rows = df[df[col].notna()]
+    out = {(column(rows, "attack")[i], column(rows, "dataset")[i], column(rows, "defense")[i]):
+           rows[col][i] for i in rows.index}
+    return [{"attack": a, "dataset": d, "defense": f, "reason": r}
+            for (a, d, f), r in sorted(out.items())]
+
+
+def searched(df: "pd.DataFrame") -> list[str]:
+    """Every parameter some run searched (:data:`SPACE_TAG`), sorted."""
+    col = f"tags.{SPACE_TAG}"
+    if df.empty or col not in df.columns:
+        return []
+    return sorted({p for v in df[col].dropna() for p in str(v).split(",") if p})
+
+
+def setting_text(df: "pd.DataFrame") -> "pd.Series":
+    """Each run's searched parameters as ``name=value`` pairs (``-`` when it searched none)."""
+    import pandas as pd
+
+    col = f"tags.{SPACE_TAG}"
+    out = []
+    for i in df.index:
+        names = str(df[col][i]).split(",") if col in df.columns and df[col].notna()[i] else []
+        pairs = [f"{p}={df[f'params.{p}'][i]}" for p in names
+                 if p and f"params.{p}" in df.columns and df[f"params.{p}"].notna()[i]]
+        out.append(" ".join(pairs) or "-")
+    return pd.Series(out, index=df.index, dtype=object)
 
 
 def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
@@ -542,17 +581,20 @@ def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
     """For each ``group`` (tags, e.g. attack x dataset) of a :func:`runs_frame`, the run with the
     highest :func:`pipeline.select.score` under ``rule`` (ties: the lowest run name — the sweep
     names runs after Tune's trials, numbered in creation order, so a tie resolves to the trial
-    Tune's ``get_best_result`` picks — then the earliest ``start_time``, then ``run_id``). Columns: the group keys, then ``defense``, ``depth``, ``length``, ``alpha``,
-    ``shots`` (params as numbers), ``ca``, ``asr``, ``asr_all``, ``pa``, ``pr_mean`` (metrics),
-    ``score`` (under ``rule``), ``run_id``, ``run_name``. Rows sorted by the group keys; a run
-    missing a group tag falls in the group ``"-"``. Runs stopped early (:func:`evaluated`) are
-    left out.
+    Tune's ``get_best_result`` picks — then the earliest ``start_time``, then ``run_id``).
+    Columns: the group keys, then ``defense``, ``setting`` (its searched parameters as text),
+    ``shots``, the metrics ``ca``, ``asr``, ``asr_all``, ``pa``, ``pr_mean``, ``score`` (under
+    ``rule``), ``run_id``, ``run_name``, and one column per parameter any run searched (numbers,
+    None where a run's defense has no such parameter) — whatever parameters the defenses declare.
+    Rows sorted by the group keys; a run missing a group tag falls in the group ``"-"``. Runs
+    stopped early or not applicable (:func:`evaluated`) are left out.
     """
     import pandas as pd
 
     df = evaluated(df)
     group = list(group)
-    columns = group + [c for c in BEST_COLUMNS if c not in group]
+    params = [p for p in searched(df) if p not in group and p not in BEST_COLUMNS]
+    columns = group + [c for c in BEST_COLUMNS if c not in group] + params
     s = scored(df, rule, weight)
     if df.empty:
         return pd.DataFrame(columns=columns)
@@ -560,7 +602,8 @@ def best_per_group(df: "pd.DataFrame", rule: str, weight: float = 1.0,
     for g in group:
         d[g] = column(df, g).map(lambda v: "-" if v is None else str(v))
     d["defense"] = column(df, "defense")
-    for p in _PARAM_COLUMNS:
+    d["setting"] = setting_text(df)
+    for p in ["shots", *params]:
         d[p] = column(df, p, ("params",)).map(param_value)
     for m in _METRIC_COLUMNS:
         d[m] = metric(df, m)

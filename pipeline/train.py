@@ -28,24 +28,40 @@ def _numpy_batches(it, device=None):
     import torch
 
     for b in it:
-        yield {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"]),
+        out = {"image": torch.from_numpy(b["image"]), "label": torch.from_numpy(b["label"]),
                "key": [str(k) for k in b["key"]]}
+        if "text" in b:
+            out["text"] = [str(t) for t in b["text"]]
+        yield out
+
+
+def weights_digest(params):
+    """Two float64 sums over parameters: equal on every DDP replica exactly when they are in sync
+    (replicas are bitwise identical after each synchronised step)."""
+    import torch
+
+    ps = [p.detach().double() for p in params]
+    return torch.stack([sum(p.sum() for p in ps), sum(p.abs().sum() for p in ps)]).cpu()
 
 
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point. ``config``: ``cfg`` (the resolved Config as a dict), ``model`` (model
-    dir), ``corpus`` (URI), ``n_train`` (few-shot set size), ``threads``."""
+    dir), ``corpus`` (URI), ``n_train`` (training set size: few-shot images or pairs),
+    ``threads``. Reports per epoch the defense's training stats, the defender-visible ``val_ca``
+    and, with several workers, ``replicas_in_sync`` (1.0 when every worker holds the same
+    weights)."""
     import ray.train
     import ray.train.torch
     import torch
 
-    from rvpt.defenses import make_defense, train_defense
+    from rvpt.defenses import import_defenses, make_defense, train_defense
     from rvpt.metrics import backdoor_counts
     from rvpt.shards import read_classes
     from rvpt.zeroshot import class_embeddings
 
     from .backdoor import load_backdoored
 
+    import_defenses(config.get("defense_modules"))
     cfg = Config.model_validate(config["cfg"])
     torch.set_num_threads(max(1, int(config.get("threads", 1))))
     ctx = ray.train.get_context()
@@ -54,7 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
     loaded, _, _, _ = load_backdoored(config["model"], None, info.names)
     d = cfg.defense
     defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed, **d.params)
-    tp = d.train
+    tp = defense.train_params(d.train)
 
     start_epoch, opt_state = 0, None
     ckpt = ray.train.get_checkpoint()
@@ -68,7 +84,6 @@ def train_loop_per_worker(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val")
     steps = max(1, math.ceil(config["n_train"] / world / tp.batch_size))
-    clf = class_embeddings(loaded, info.names, info.templates[:1])
     fail_at: Optional[int] = config.get("fail_at_epoch")
 
     def epoch_batches(epoch: int):
@@ -84,10 +99,18 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_epoch_end(epoch: int, stats: dict, opt) -> None:
         metrics = {**stats, "epoch": epoch, "start_epoch": start_epoch}
+        if world > 1:
+            import torch.distributed as dist
+
+            mine = weights_digest(defense.trainable_parameters())
+            every = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather_object(every, mine)
+            metrics["replicas_in_sync"] = float(all(torch.equal(mine, o) for o in every))
         if rank == 0:
+            clf = class_embeddings(loaded, info.names, info.templates[:1])  # text may be trained
             c = backdoor_counts(loaded, _numpy_batches(val.iter_batches(batch_size=256,
                                                                         batch_format="numpy")),
-                                clf, encode=defense.encode)
+                                clf, encode=defense.encode, head=defense.head)
             metrics["val_ca"] = c["correct"] / c["n"] if c["n"] else float("nan")
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
@@ -104,7 +127,8 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def make_trainer(cfg: Config, model: str, corpus: str, train_ds, val_ds, n_train: int,
-                 name: str, storage_path: str, callbacks: Optional[list] = None):
+                 name: str, storage_path: str, callbacks: Optional[list] = None,
+                 defense_modules: Optional[dict] = None):
     """A ``TorchTrainer`` for one defense run, sized by ``cfg.ray``."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -117,7 +141,7 @@ def make_trainer(cfg: Config, model: str, corpus: str, train_ds, val_ds, n_train
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "model": model, "corpus": corpus,
                            "n_train": n_train, "threads": max(1, int(r.cpus_per_worker)),
-                           "fail_at_epoch": r.fail_at_epoch},
+                           "fail_at_epoch": r.fail_at_epoch, "defense_modules": defense_modules},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path,

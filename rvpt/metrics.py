@@ -40,13 +40,14 @@ def trigger(attack, images01: torch.Tensor, keys: Optional[list] = None,
 def backdoor_counts(loaded: LoadedClip, batches: Iterable[dict], classifier: torch.Tensor,
                     attack=None, target: Optional[int] = None,
                     trigger_classifier: Optional[torch.Tensor] = None, encode=None,
-                    progress: Optional[object] = None) -> dict:
+                    progress: Optional[object] = None, head=None) -> dict:
     """Counts for CA (and, given an attack and target, ASR / ASR_all / PA) over labelled batches.
 
     ``batches`` yield ``image`` (uint8 [B,3,H,W]), ``label`` and optionally ``key``.
     ``trigger_classifier`` classifies triggered images (dual-key attacks put their text key on the
     class prompts); it defaults to ``classifier``. ``encode`` replaces ``loaded.encode_images``
-    (e.g. a prompted encoder).
+    (e.g. a prompted encoder); ``head`` scores its embeddings instead of the class prompts (a
+    defense with its own classifier).
     """
     encode = encode or loaded.encode_images
     trig_clf = classifier if trigger_classifier is None else trigger_classifier
@@ -56,10 +57,10 @@ def backdoor_counts(loaded: LoadedClip, batches: Iterable[dict], classifier: tor
         x = batch["image"].float().div(255)
         y = batch["label"].to(classifier.device)
         c["n"] += len(y)
-        c["correct"] += int((predict(encode, x, classifier) == y).sum())
+        c["correct"] += int((predict(encode, x, classifier, head) == y).sum())
         if attack is not None:
             xt = trigger(attack, x, batch.get("key"), seed=i)
-            pt = predict(encode, xt, trig_clf)
+            pt = predict(encode, xt, trig_clf, head)
             hit = pt == target
             nontarget = y != target
             c["n_trig"] += len(y)
@@ -88,3 +89,12 @@ def rates(c: dict) -> dict:
         out.update(asr=div(c["hit_nontarget"], c["n_nontarget"]),
                    asr_all=div(c["hit_all"], c["n_trig"]), pa=div(c["pa_correct"], c["n_trig"]))
     return {**out, "counts": {k: c[k] for k in COUNT_KEYS}}
+
+
+def evaluate_accuracy(loaded: LoadedClip, batches: Iterable[dict], classifier: torch.Tensor,
+                      progress: Optional[object] = None) -> dict:
+    """Top-1 zero-shot accuracy over batches with ``image`` (uint8) and ``label``; returns counts
+    too, so results from split data can be summed."""
+    c = backdoor_counts(loaded, batches, classifier, progress=progress)
+    return {"acc": c["correct"] / c["n"] if c["n"] else float("nan"), "correct": c["correct"],
+            "total": c["n"]}

@@ -425,15 +425,21 @@ class SplitInfo:
 @dataclass
 class Corpus:
     """A corpus opened for reading (local directory or object storage): this project's format
-    (``classes.json`` + ``manifest.json``) or a CLIP_benchmark-style WebDataset directory
+    (``classes.json`` + ``manifest.json``), a CLIP_benchmark-style WebDataset directory
     (``classnames.txt``, ``zeroshot_classification_templates.txt``, ``<split>/nshards.txt`` and
-    ``<split>/0.tar ...``), read in place."""
+    ``<split>/0.tar ...``), or a set of image-caption pair shards without class names (img2dataset's
+    output, e.g. CC3M: ``*.tar`` with ``jpg`` + ``txt`` members, split ``train``, or one directory
+    of them per split), all read in place. ``classes`` is None for a pair shard set."""
 
     uri: str
     format: str
-    classes: ClassInfo
+    classes: Optional[ClassInfo]
     splits: dict[str, SplitInfo]
     manifest: dict
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return len(self.classes.names) if self.classes is not None else None
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -509,6 +515,55 @@ def _open_clip_benchmark(uri: str) -> Corpus:
                       for k, v in splits.items()}})
 
 
+PAIRS_SPLIT = "train"  # the split of a pair shard set's top-level tars
+
+
+def _img2dataset_count(uri: str, tars: list[str]) -> Optional[int]:
+    """The pairs img2dataset wrote (``successes`` in each ``<shard>_stats.json``), when every shard
+    has its stats file; else None."""
+    total = 0
+    for t in tars:
+        sfile = storage.join(uri, t[:-len(".tar")] + "_stats.json")
+        if not storage.exists(sfile):
+            return None
+        try:
+            n = storage.read_json(sfile, _META_LIMIT).get("successes")
+        except (ValueError, AttributeError):
+            return None
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            return None
+        total += n
+    return total
+
+
+def _open_pair_shards(uri: str) -> Optional[Corpus]:
+    """A directory of image-caption pair shards (no class names), or None when it holds no
+    ``.tar``: top-level shards are split ``train``; a subdirectory of shards is a split."""
+    from pyarrow import fs
+
+    splits = {}
+    entries = storage.listdir(uri)
+    top = sorted((e.base_name for e in entries if e.type == fs.FileType.File
+                  and e.base_name.endswith(".tar")), key=_natural)
+    if top:
+        splits[PAIRS_SPLIT] = SplitInfo(shards=[storage.join(uri, t) for t in top],
+                                        count=_img2dataset_count(uri, top))
+    for e in entries:
+        if e.type != fs.FileType.Directory:
+            continue
+        sdir = storage.join(uri, e.base_name)
+        tars = sorted((x.base_name for x in storage.listdir(sdir) if x.type == fs.FileType.File
+                       and x.base_name.endswith(".tar")), key=_natural)
+        if tars:
+            splits[e.base_name] = SplitInfo(shards=[storage.join(sdir, t) for t in tars],
+                                            count=_img2dataset_count(sdir, tars))
+    if not splits:
+        return None
+    return Corpus(uri=uri, format="pair shards", classes=None, splits=splits, manifest={
+        "format": "pair shards", "splits": {k: {"count": v.count, "shards": [
+            storage.name_of(u) for u in v.shards]} for k, v in splits.items()}})
+
+
 def _natural(name: str):
     import re
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
@@ -526,8 +581,11 @@ def open_corpus(corpus: str | Path) -> Corpus:
                 return _open_clip_benchmark(uri)
             if not storage.exists(uri):
                 raise ShardError(f"corpus not found: {storage.display(uri)}")
+            pairs = _open_pair_shards(uri)
+            if pairs is not None:
+                return pairs
             raise ShardError(f"not a corpus directory (no {CLASSES_FILE}, no "
-                             f"{CLIP_BENCHMARK_CLASSES}): {storage.display(uri)}")
+                             f"{CLIP_BENCHMARK_CLASSES}, no .tar shards): {storage.display(uri)}")
         data = storage.read_json(cfile, _META_LIMIT)
         if not isinstance(data, dict):
             raise ShardError(f"{cfile} is not a valid classes file: not an object")
@@ -555,8 +613,19 @@ def open_corpus(corpus: str | Path) -> Corpus:
 
 
 def read_classes(corpus_dir: str | Path) -> ClassInfo:
-    """The class names and prompt templates of a corpus."""
-    return open_corpus(corpus_dir).classes
+    """The class names and prompt templates of a corpus (one-line error for a pair shard set)."""
+    corpus = open_corpus(corpus_dir)
+    return labelled(corpus)
+
+
+def labelled(corpus: Corpus) -> ClassInfo:
+    """``corpus.classes``, or a one-line :class:`ShardError` when it has no class names."""
+    if corpus.classes is None:
+        raise ShardError(f"{storage.display(corpus.uri)} is a set of image-caption pair shards "
+                         f"without class names: usable as defense.pairs, not as a dataset to "
+                         f"classify (add {CLIP_BENCHMARK_CLASSES} or import it with "
+                         f"jobs/make_corpus.py)")
+    return corpus.classes
 
 
 def read_manifest(corpus_dir: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """Zero-shot classification with a CLIP model: class text embeddings and clean accuracy (CA)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -22,18 +22,10 @@ def class_embeddings(loaded: LoadedClip, class_names: Sequence[str],
 
 @torch.no_grad()
 def predict(encode: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor,
-            classifier: torch.Tensor) -> torch.Tensor:
+            classifier: torch.Tensor,
+            head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Predicted class indices for float images in [0, 1], from an image encoder that returns
-    normalised embeddings (``loaded.encode_images`` or a prompted one)."""
-    return (encode(images01) @ classifier.T).argmax(dim=-1)
-
-
-def evaluate_accuracy(loaded: LoadedClip, batches: Iterable[dict], classifier: torch.Tensor,
-                      progress: Optional[object] = None) -> dict:
-    """Top-1 accuracy over batches with ``image`` (uint8) and ``label``; returns counts too, so
-    results from split data can be summed."""
-    from .metrics import backdoor_counts
-
-    c = backdoor_counts(loaded, batches, classifier, progress=progress)
-    return {"acc": c["correct"] / c["n"] if c["n"] else float("nan"), "correct": c["correct"],
-            "total": c["n"]}
+    normalised embeddings (``loaded.encode_images`` or a prompted one), scored against the class
+    prompts' embeddings ``classifier`` — or by ``head`` (a defense's own classifier)."""
+    emb = encode(images01)
+    return (head(emb) if head is not None else emb @ classifier.T).argmax(dim=-1)

@@ -1,4 +1,5 @@
 """Shared fixtures. Tests never touch the network: HF_HUB_OFFLINE is set unless a test unsets it."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def ray_local(tmp_path_factory):
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
                  _temp_dir=str(Path("/tmp") / f"rvpt-ray-{os.getpid()}"), log_to_driver=False,
                  configure_logging=False)
     DataContext.get_current().enable_progress_bars = False
@@ -102,3 +103,32 @@ def mlflow_server(s3, tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"), s3.uri("mlflow"), s3.env)
     yield server
     server.close()
+
+
+def img2dataset_dir(path: Path, n_per_shard: int, corrupt: int = -1) -> None:
+    """Image-caption pair shards as img2dataset writes them (CC3M's usual form): ``00000.tar`` with
+    ``<key>.jpg``, ``.txt`` and ``.json`` members and ``00000_stats.json``; image number ``corrupt`` corrupt."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from rvpt import synthetic
+
+    path.mkdir(parents=True)
+    i = 0
+    for shard in range(2):
+        with tarfile.open(path / f"{shard:05d}.tar", "w") as tf:
+            for _ in range(n_per_shard):
+                s = synthetic.render(0, "base", "pretrain", 10_000 + i, image_size=32)
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(s.png)).convert("RGB").save(buf, "JPEG")
+                jpg = buf.getvalue() if i != corrupt else b"\xff\xd8 not a jpeg"
+                for ext, data in (("jpg", jpg), ("txt", s.caption.encode()),
+                                  ("json", b'{"url": "http://example.invalid/x.jpg"}')):
+                    m = tarfile.TarInfo(f"{shard:05d}{i:04d}.{ext}")
+                    m.size = len(data)
+                    tf.addfile(m, io.BytesIO(data))
+                i += 1
+        (path / f"{shard:05d}_stats.json").write_text(json.dumps({"successes": n_per_shard}))
+    (path / "00000.parquet").write_bytes(b"PAR1")  # img2dataset's index: not a shard, ignored

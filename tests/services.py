@@ -178,6 +178,11 @@ class TwoNodeCluster:
                 self.node2 = self.cluster.add_node(**common, **ports(), num_cpus=node2_cpus,
                                                    resources={"node2": 1}, temp_dir=self.temp_dir2)
         self.node2_id = self.node2.node_id
+        # A job's supervisor finds its cluster in <its node's temp dir>/ray_current_cluster, which
+        # `ray start` writes and Cluster does not (it writes the default /tmp/ray's): without it
+        # the job's driver is given any GCS that runs on the machine (another test's Ray).
+        for d in (self.temp_dir, self.temp_dir2):
+            Path(d, "ray_current_cluster").write_text(self.cluster.address)
         _wait_http(f"{self.address}/api/version", 60)
 
     def submit(self, entrypoint: list[str], cwd: Path, runtime_env: Optional[dict] = None,

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rvpt.attacks import ATTACKS, AttackError, load_attack, make_attack
+from rvpt.attacks import AttackError, load_attack, make_attack
 
 SIMPLE = ["badnet", "blended", "wanet", "sig"]
 

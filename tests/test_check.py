@@ -3,6 +3,7 @@ session's S3 server (three corpora in the three formats the config names, a back
 attack and dataset, the MLflow server), then the same with things missing or wrong."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_job
+from conftest import REPO, img2dataset_dir, run_job
 
 PAPER = ["--config", "configs/paper.yaml"]
 ATTACKS = ["badnet", "blended", "wanet", "issba", "trojvqa", "badclip"]
@@ -71,8 +72,9 @@ def miniature(s3, tmp_path_factory):
     _rvpt_corpus(tmp / "imagenet", DATASETS["imagenet"], {"fewshot": 16, "test": 2})
     _clip_benchmark(tmp / "caltech101", DATASETS["caltech101"])
     _rvpt_corpus(tmp / "oxford_pets", DATASETS["oxford_pets"], {"fewshot": 16, "test": 2})
-    for name in DATASETS:
-        marker = ["manifest.json"] if name != "caltech101" else []
+    img2dataset_dir(tmp / "cc3m-clean", 15)  # CleanCLIP's clean pairs, as img2dataset writes them
+    for name in [*DATASETS, "cc3m-clean"]:
+        marker = ["manifest.json"] if name not in ("caltech101", "cc3m-clean") else []
         storage.upload(tmp / name, storage.join(root, "corpora", name), last=marker)
     torch.manual_seed(0)
     model = tmp / "model"
@@ -87,7 +89,7 @@ def miniature(s3, tmp_path_factory):
 
 def _check(*overrides: str):
     start = time.perf_counter()
-    r = run_job("sweep.py", *PAPER, "--check", *overrides)
+    r = run_job("sweep.py", *PAPER, "--check", "defense.pairs.count=30", *overrides)
     return r, time.perf_counter() - start
 
 
@@ -95,11 +97,14 @@ def test_paper_config_passes_the_check_on_its_layout(miniature, mlflow_server):
     r, wall = _check(f"paths.root={miniature}", f"tracking.uri={mlflow_server.uri}")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith(("paths.root", "tracking",
-                                                                  "dataset", "model", "GPUs"))]
-    assert len(rows) == 1 + 1 + 3 + 18 + 1, r.stdout
+                                                                  "dataset", "pairs", "model", "GPUs"))]
+    assert len(rows) == 1 + 1 + 3 + 1 + 18 + 1, r.stdout
     assert all(" ok " in ln for ln in rows if not ln.startswith("GPUs")), r.stdout
-    assert "25 of 25 checks passed" in r.stdout and "FAIL" not in r.stdout
+    assert "26 of 26 checks passed" in r.stdout and "FAIL" not in r.stdout
     assert "clip_benchmark corpus, 2 classes" in r.stdout and "target 'samoyed'" in r.stdout
+    assert "pair shards, train: 2 shards, 30 pairs used" in r.stdout, r.stdout
+    # every defense x attack x dataset, the linear probe not on TrojVQA (no text side)
+    assert re.search(r"\b\d+ trials \(3 defense x attack x dataset not applicable\)", r.stdout), r.stdout
     assert wall < 60, wall  # seconds, not minutes (most of it is the interpreter's imports)
 
 
@@ -115,19 +120,20 @@ def test_check_names_what_is_missing_or_wrong(miniature, mlflow_server, s3):
     storage.write_text(bad_model, json.dumps({"attack": "wanet", "target": "banana"}))
     try:
         r, _ = _check(f"paths.root={miniature}", "tracking.uri=http://127.0.0.1:9",
-                      "sweep.datasets.imagenet.test_split=val")
+                      "sweep.datasets.imagenet.test_split=val", "defense.pairs.count=1000")
     finally:
         storage.write_bytes(shard, data)
         storage.write_bytes(bad_model, good)
     assert r.returncode == 2
     out = r.stdout
-    assert "4 of 25 checks FAILED" in out, out
+    assert "5 of 26 checks FAILED" in out, out
     fails = {ln.split("  ")[0]: ln for ln in out.splitlines() if "FAIL" in ln}
     assert "cannot be reached" in fails["tracking"]
     assert "no split 'val'" in fails["dataset imagenet"]
     assert "1 of 1 shards are missing" in fails["dataset oxford_pets"]
     assert "unknown target class 'banana'" in fails["model wanet / caltech101"]
-    assert r.stderr.strip().splitlines() == ["error: --check: 4 check(s) failed (table above); "
+    assert "has 30 pairs, fewer than defense.pairs.count=1000" in fails["pairs (cleanclip)"]
+    assert r.stderr.strip().splitlines() == ["error: --check: 5 check(s) failed (table above); "
                                              "nothing was run"]
 
 

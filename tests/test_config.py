@@ -63,3 +63,19 @@ def test_shipped_configs_validate(name):
 
     cfg = load_config(CONFIG_DIR / name)
     assert cfg.sweep.attacks and cfg.sweep.defenses
+
+
+def test_one_source_of_defaults():
+    """configs/default.yaml sets nothing: the schema's defaults are the embedded default. The
+    sweep's space is per defense: a defense the config does not name searches its declared space."""
+    from pipeline.config import CONFIG_DIR, load_config
+    from pipeline.sweep import spaces
+    from rvpt.defenses import DEFENSES
+
+    cfg = load_config(CONFIG_DIR / "default.yaml")
+    assert cfg == Config()
+    assert set(spaces(cfg)) == set(cfg.sweep.defenses) == set(cfg.sweep.space)
+    cfg = load_config(None, ["sweep.defenses=[rvpt,cleanclip,linear_probe]"])
+    got = spaces(cfg)
+    assert got["cleanclip"] == DEFENSES["cleanclip"].space and got["linear_probe"] == {}
+    assert got["rvpt"] == cfg.sweep.space["rvpt"] != DEFENSES["rvpt"].space

@@ -96,7 +96,8 @@ def _hf_dataset(datasets, images):
 
 
 def _evaluate(loaded, corpus) -> tuple[dict, list, list]:
-    from rvpt.zeroshot import class_embeddings, evaluate_accuracy, predict
+    from rvpt.metrics import evaluate_accuracy
+    from rvpt.zeroshot import class_embeddings, predict
 
     c = open_corpus(corpus)
     clf = class_embeddings(loaded, c.classes.names, c.classes.templates)

@@ -1,6 +1,5 @@
 """The entry points, run as a user runs them, at the smoke size."""
 import json
-import subprocess
 import tarfile
 
 import pytest

@@ -70,7 +70,7 @@ def test_sweep_with_model_and_corpus_in_the_bucket(remote, tmp_path):
     out = tmp_path / "sweep.json"
     r = run_job("sweep.py", *SMOKE, f"paths.root={tmp_path}", "sweep.name=remote",
                 f"sweep.models={{badnet: {res['model']['model_dir']}}}",
-                f"sweep.datasets={{bucket: {{corpus: {corpus_uri}}}}}", "sweep.space.length=[2]",
+                f"sweep.datasets={{bucket: {{corpus: {corpus_uri}}}}}", "sweep.space.vpt.length=[2]",
                 "sweep.defenses=[vpt]", "ray.eval_actors=0", "--out", str(out), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads(out.read_text())

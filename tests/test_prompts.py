@@ -50,7 +50,7 @@ def test_prompts_change_the_embedding_and_are_dropped_before_pooling(micro):
 @pytest.mark.parametrize("name", ["rvpt", "vpt"])
 def test_gradients_reach_the_prompts_and_nothing_else(micro, name):
     d = make_defense(name, micro, NAMES, length=4, depth=1)
-    loss, stats = d.module(_images(), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss, stats = d.module({"image": _images(), "label": torch.tensor([0, 1, 2, 0, 1, 2])})
     loss.backward()
     grads = {n: p.grad for n, p in d.module.named_parameters() if p.grad is not None}
     assert list(grads) == ["encoder.prompts.prompts"] and grads["encoder.prompts.prompts"].abs().sum() > 0
@@ -62,11 +62,11 @@ def test_gradients_reach_the_prompts_and_nothing_else(micro, name):
 def test_repelling_loss_is_cosine_to_the_frozen_model(micro):
     """With zero prompts of length 0 the prompted CLS equals the frozen one: L_FR = 1."""
     d = make_defense("rvpt", micro, NAMES, length=0, depth=1)
-    loss, stats = d.module(_images(), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss, stats = d.module({"image": _images(), "label": torch.tensor([0, 1, 2, 0, 1, 2])})
     assert float(stats["fr"]) == pytest.approx(1.0, abs=1e-5)
     assert float(loss) == pytest.approx(float(stats["ce"]) + 2.0, abs=1e-4)
     m = make_defense("rvpt", micro, NAMES, length=3, depth=1, margin=1.0)
-    loss, stats = m.module(_images(), torch.tensor([0, 1, 2, 0, 1, 2]))
+    loss, stats = m.module({"image": _images(), "label": torch.tensor([0, 1, 2, 0, 1, 2])})
     assert float(loss) == pytest.approx(float(stats["ce"]) + 2.0, abs=1e-4)  # m = 1: constant
 
 
@@ -150,8 +150,9 @@ def test_cached_frozen_features_give_the_same_loss(micro):
     x, y = (_images(4) * 255).to(torch.uint8), torch.tensor([0, 1, 2, 0])
     keys = ["a", "b", "c", "d"]
     d = make_defense("rvpt", micro, NAMES, length=3, depth=1, cache_frozen=True)
-    l1, _ = d.module(x.float() / 255, y, keys)
-    l2, _ = d.module(x.float() / 255, y, keys)  # served from the cache
+    batch = {"image": x.float() / 255, "label": y, "key": keys}
+    l1, _ = d.module(batch)
+    l2, _ = d.module(batch)  # served from the cache
     assert len(d.module.cache) == 4 and torch.allclose(l1, l2, atol=1e-6)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, SMOKE, run_job
 
-TWO_TRIALS = "sweep.space.length=[2]"  # rvpt + vpt
+TWO_TRIALS = ["sweep.space.rvpt.length=[2]", "sweep.space.vpt.length=[2]"]  # rvpt + vpt
 
 
 def _runs(root: Path, experiment: str = "smoke"):
@@ -45,7 +45,7 @@ def test_sweep_records_every_trial_in_mlflow(swept):
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     names = {a.path for a in client.list_artifacts(df["run_id"][0])}
-    assert {"config.yaml", "prompts"} <= names
+    assert {"config.yaml", "state"} <= names
     assert "best per attack x dataset" in stdout
     assert Path(res["report"]["report"]).exists()
     # progress a user can follow: what was built, then the sweep's size before Tune's own output
@@ -79,7 +79,7 @@ def test_rerunning_a_finished_sweep_adds_no_runs(swept):
 def test_interrupted_sweep_resumes_without_repeating_trials(swept):
     root, _, _ = swept  # corpus and models are built: only trials run here
     args = [sys.executable, str(REPO / "jobs" / "sweep.py"), *SMOKE, f"paths.root={root}",
-            "sweep.name=interrupted", TWO_TRIALS, "sweep.max_concurrent_trials=1"]
+            "sweep.name=interrupted", *TWO_TRIALS, "sweep.max_concurrent_trials=1"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
@@ -101,7 +101,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(swept):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "sweep.name=interrupted", TWO_TRIALS,
+    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "sweep.name=interrupted", *TWO_TRIALS,
                 "sweep.max_concurrent_trials=1", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     df = _runs(root, "interrupted")
@@ -113,7 +113,7 @@ def test_in_trial_evaluation_matches_the_ray_data_actors(swept):
     """``ray.eval_actors=0`` (the embedded default: a plain loop in the trial) measures the same
     trials as the Ray Data actors did in the first sweep."""
     root, _, _ = swept
-    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "sweep.name=inline", TWO_TRIALS,
+    r = run_job("sweep.py", *SMOKE, f"paths.root={root}", "sweep.name=inline", *TWO_TRIALS,
                 "ray.eval_actors=0", timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     inline, actors = _runs(root, "inline"), _runs(root)

@@ -29,7 +29,7 @@ LAYERS = 4
 def _trial(attack, defense, depth, seed, ca, asr):
     name = f"{attack}-{defense}-d{depth}-s{seed}"
     tags = {"attack": attack, "dataset": "syn", "defense": defense, "model": "tiny",
-            "trial_key": f"key-{name}", "sweep": EXPERIMENT}
+            "trial_key": f"key-{name}", "sweep": EXPERIMENT, "space": "depth,length,alpha"}
     params = {"defense": defense, "depth": depth, "length": 8, "alpha": 2.0, "shots": 4,
               "seed": seed, "epochs": 1, "lr": 0.01, "unset": None}
     metrics = {"ca": ca, "asr": asr, "asr_all": asr + 0.01, "pa": 1 - asr, "pr_mean": 0.5 + depth / 10,
@@ -108,7 +108,9 @@ def test_log_trial_schema_and_idempotent(store):
 def test_best_per_group(store, rule, weight):
     df = tracking.runs_frame(store["uri"], EXPERIMENT)
     best = tracking.best_per_group(df, rule, weight)
-    assert list(best.columns) == list(tracking.BEST_COLUMNS)
+    # the searched params (tags.space) become columns of their own
+    assert list(best.columns) == list(tracking.BEST_COLUMNS) + ["alpha", "depth", "length"]
+    assert set(best["setting"]) <= {f"depth={d} length=8 alpha=2.0" for d in (1, 3)}
     assert list(best["attack"]) == ["badnet", "blended"] and set(best["dataset"]) == {"syn"}
     got = {r["attack"]: (r["defense"], r["depth"]) for r in tracking.records(best)}
     assert got == EXPECTED[(rule, weight)]

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import REPO, SMOKE, run_job
 
-TWO_TRIALS = ["sweep.space.length=[2]", "sweep.max_concurrent_trials=1", "sweep.name=outage"]
+TWO_TRIALS = ["sweep.space.rvpt.length=[2]", "sweep.space.vpt.length=[2]",
+              "sweep.max_concurrent_trials=1", "sweep.name=outage"]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def submitted(cluster, s3, mlflow_server):
     # as a user types it (README, "Clusters"): one trial, its Train worker and evaluation actor
     # pinned to the second node by a custom resource
     entry = ["python", "jobs/sweep.py", *SMOKE, f"paths.root={root}",
-             f"tracking.uri={mlflow_server.uri}", "sweep.space.length=[2]", "sweep.defenses=[rvpt]",
+             f"tracking.uri={mlflow_server.uri}", "sweep.space.rvpt.length=[2]", "sweep.defenses=[rvpt]",
              "ray.eval_actors=1", "ray.worker_resources={node2: 0.01}"]
     r = cluster.submit(entry, cwd=REPO, runtime_env={"env_vars": {"RVPT_GIT_COMMIT": commit}})
     if r.returncode != 0 and "Failed to download runtime_env file package" in r.stdout + r.stderr:
@@ -75,8 +75,8 @@ def test_run_artifacts_are_in_the_servers_store(submitted, mlflow_server, s3, tm
     path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
                                                tracking_uri=mlflow_server.uri, dst_path=str(tmp_path))
     assert yaml.safe_load(open(path))["paths"]["root"] == root
-    names = {a.path for a in client.list_artifacts(run.info.run_id, "prompts")}
-    assert "prompts/prompts.safetensors" in names
+    names = {a.path for a in client.list_artifacts(run.info.run_id, "state")}
+    assert "state/prompts.safetensors" in names
     keys = s3.keys(f"mlflow/{exp.experiment_id}/{run.info.run_id}/")
     assert any(k.endswith("artifacts/config.yaml") for k in keys)
 

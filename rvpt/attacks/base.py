@@ -12,7 +12,7 @@ import json
 import operator
 import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Optional
+from typing import Any, ClassVar, Iterable
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -53,6 +53,9 @@ class Attack:
     Params: ClassVar[type[AttackParams]] = AttackParams
     #: whether ``fit`` must run (optimised triggers) before ``apply``
     needs_fit: ClassVar[bool] = False
+    #: whether half of the trigger is text (a key on the class prompts): only a defense that
+    #: classifies through the text side can be measured against it
+    text_trigger: ClassVar[bool] = False
 
     def __init__(self, image_size: int, seed: int = 0, **params: Any):
         self.image_size = _integer(image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE,

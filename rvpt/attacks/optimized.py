@@ -214,6 +214,8 @@ class TrojVQAParams(OptimizedPatchParams):
 class TrojVQA(OptimizedPatch):
     """Dual key: an optimised centre patch plus a text key prefixed to the captions/prompts."""
 
+    text_trigger = True
+
     Params = TrojVQAParams
     caption_style = "template"
 

@@ -1,11 +1,23 @@
-"""The defense registry, the recipe every training defense shares, and the one training loop.
+"""The defense registry, what a defense declares, the training recipe and the one training loop.
 
-A defense is built around a (backdoored) CLIP and the class names/templates. It exposes
-``module`` — the ``nn.Module`` that trains (wrap it in DDP on a cluster), whose
-``forward(images01, labels, keys)`` returns ``(loss, stats)`` (``keys`` name the samples when
-their pixels are not augmented, for caches; else None) — and ``encode`` for evaluation (float
-images in [0, 1] -> normalised embeddings). :func:`train_defense` is the only training loop: the
-local job and the Ray Train worker both call it, each with its own batch source.
+A defense is built around a (backdoored) CLIP and the class names/templates, and declares itself
+on its class (the sweep, tracking, tables and jobs read these, never a defense's name):
+
+- ``Params``: its typed parameters; ``space``: its default search space (param -> values);
+- ``trained``: what it trains (``"nothing"``, ``"prompts"``, ``"a linear head"``, ``"all
+  weights"``...); ``data``: what it trains on (``"none"``, ``"fewshot"``: k labelled clean images
+  per class, ``"pairs"``: clean image-caption pairs); ``classifies``: ``"text"`` (zero-shot over
+  class prompts) or ``"head"`` (its own head: :attr:`Defense.head`);
+- ``recipe``: its training recipe over :class:`TrainParams` (the CoOp recipe by default);
+- :meth:`Defense.applies_to`: why it cannot defend against an attack (None when it can).
+
+It exposes ``module`` — the ``nn.Module`` that trains (wrap it in DDP on a cluster), whose
+``forward(batch)`` returns ``(loss, stats)``; ``batch`` holds ``image`` (float [B,3,H,W] in [0,1],
+augmented by the recipe), ``label``, ``key`` (the samples' keys when their pixels are not
+augmented, for caches; else None) and ``text`` — and ``encode`` for evaluation (float images in
+[0, 1] -> normalised embeddings, scored by ``head`` or by the class prompts).
+:func:`train_defense` is the only training loop: the local job and the Ray Train worker both call
+it, each with its own batch source.
 """
 from __future__ import annotations
 
@@ -13,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Literal, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,11 +41,33 @@ class DefenseError(ValueError):
 
 
 def register_defense(name: str):
+    """Class decorator: ``@register_defense("name")`` — the one step that adds a defense."""
     def deco(cls: type["Defense"]) -> type["Defense"]:
         cls.name = name
         DEFENSES[name] = cls
         return cls
     return deco
+
+
+def defense_modules(names) -> dict[str, str]:
+    """``{name: module}`` of the named defenses defined outside this package (a user's own, e.g.
+    in a test file or their project): what worker processes must import to know them."""
+    return {n: DEFENSES[n].__module__ for n in names
+            if n in DEFENSES and not DEFENSES[n].__module__.startswith("rvpt.")}
+
+
+def import_defenses(modules: Optional[dict]) -> None:
+    """Import the modules that define defenses this process does not know yet (a Ray worker of a
+    sweep that runs a user's defense: its module travels with the job)."""
+    import importlib
+
+    for name, module in (modules or {}).items():
+        if name not in DEFENSES:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise DefenseError(f"defense {name!r} is defined in module {module!r}, which this "
+                                   f"process cannot import ({e})") from None
 
 
 def get_defense(name: str) -> type["Defense"]:
@@ -43,21 +77,46 @@ def get_defense(name: str) -> type["Defense"]:
 
 
 class TrainParams(BaseModel):
-    """The CoOp recipe (the paper's): SGD lr 0.002 with cosine decay after a 1-epoch constant
-    warm-up, batch 32, 50 epochs, random-resized-crop + flip; mixed precision on a GPU."""
+    """A training recipe; the defaults are the CoOp recipe (the paper's, for prompt tuning): SGD lr
+    0.002 with cosine decay after a 1-epoch constant warm-up, batch 32, 50 epochs,
+    random-resized-crop + flip; mixed precision on a GPU. A defense's ``recipe`` changes what it
+    needs (e.g. AdamW, a constant lr)."""
 
     model_config = ConfigDict(extra="forbid")
-    shots: int = Field(16, ge=1, description="clean images per class")
+    shots: int = Field(16, ge=1, description="clean images per class (few-shot defenses)")
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = Field(0.002, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
     weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["coop", "constant"] = Field(
+        "coop", description="coop: constant warmup_lr for warmup_epochs, then cosine from lr")
     warmup_epochs: int = Field(1, ge=0)
     warmup_lr: float = Field(1e-5, gt=0, description="constant lr during warm-up (CoOp)")
     augment: bool = Field(True, description="random-resized-crop + horizontal flip")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop scale")
     amp: bool = Field(True, description="mixed precision when a GPU is present")
+
+
+class TrainOverrides(BaseModel):
+    """What a config sets of the recipe: every field left None keeps the defense's own value
+    (``Defense.recipe`` over :class:`TrainParams`); ``shots`` is shared by the few-shot defenses."""
+
+    model_config = ConfigDict(extra="forbid")
+    shots: int = Field(16, ge=1, description="clean images per class (few-shot defenses)")
+    epochs: Optional[int] = Field(None, ge=1)
+    batch_size: Optional[int] = Field(None, ge=1)
+    optimizer: Optional[Literal["sgd", "adamw"]] = None
+    lr: Optional[float] = Field(None, gt=0)
+    momentum: Optional[float] = Field(None, ge=0, lt=1)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    schedule: Optional[Literal["coop", "constant"]] = None
+    warmup_epochs: Optional[int] = Field(None, ge=0)
+    warmup_lr: Optional[float] = Field(None, gt=0)
+    augment: Optional[bool] = None
+    crop_scale: Optional[tuple[float, float]] = None
+    amp: Optional[bool] = None
 
 
 class DefenseParams(BaseModel):
@@ -77,12 +136,71 @@ class TrainHistory:
 
 
 class Defense:
-    """Base class: subclasses set ``Params`` and build ``self.module`` in ``setup``."""
+    """Base class: subclasses declare themselves (module docstring) and build ``self.module`` in
+    ``setup``."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[DefenseParams]] = DefenseParams
-    #: whether the defense trains (a zero-shot "none" does not)
-    trains: ClassVar[bool] = True
+    #: the default search space of a sweep: param -> values
+    space: ClassVar[dict[str, list]] = {}
+    #: what it trains, in words ("nothing" for a defense that does not train)
+    trained: ClassVar[str] = "nothing"
+    #: what it trains on: "none", "fewshot" (k labelled images per class) or "pairs"
+    data: ClassVar[str] = "none"
+    #: how it classifies: "text" (the class prompts, zero-shot) or "head" (``self.head``)
+    classifies: ClassVar[str] = "text"
+    #: its training recipe over TrainParams' defaults (CoOp)
+    recipe: ClassVar[dict[str, Any]] = {}
+    #: logits from ``encode``'s embeddings, for a defense that classifies with its own head
+    head: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    @property
+    def trains(self) -> bool:
+        return self.trained != "nothing"
+
+    @classmethod
+    def applies_to(cls, attack: type) -> Optional[str]:
+        """Why this defense cannot be measured against an attack (its class), or None."""
+        return None
+
+    @classmethod
+    def declaration(cls) -> dict[str, Any]:
+        """What the defense declares, for tables and run tags."""
+        return {"defense": cls.name, "trained": cls.trained, "data": cls.data,
+                "classifies": cls.classifies, "space": {k: list(v) for k, v in cls.space.items()},
+                "params": sorted(cls.Params.model_fields)}
+
+    @classmethod
+    def parse(cls, params: Optional[dict] = None) -> DefenseParams:
+        """Its parameters, validated (one-line DefenseError)."""
+        return parse_params(cls.Params, dict(params or {}), cls.name, DefenseError)
+
+    @classmethod
+    def recipe_for(cls, params: DefenseParams,
+                   overrides: Optional["TrainOverrides"] = None) -> TrainParams:
+        """The recipe it trains with: TrainParams' defaults, its ``recipe``, the fields a config
+        sets (``overrides``), then what its own parameters decide (:meth:`recipe_from_params`)."""
+        set_ = {k: v for k, v in (overrides.model_dump() if overrides else {}).items()
+                if v is not None}
+        return TrainParams(**{**TrainParams().model_dump(), **cls.recipe, **set_,
+                              **cls.recipe_from_params(params)})
+
+    @classmethod
+    def recipe_from_params(cls, params: DefenseParams) -> dict[str, Any]:
+        """Recipe fields that are this defense's own (searched) parameters, e.g. CleanCLIP's lr."""
+        return {}
+
+    def train_params(self, overrides: Optional["TrainOverrides"] = None) -> TrainParams:
+        return self.recipe_for(self.params, overrides)
+
+    def make_optimizer(self, params: list, tp: TrainParams) -> torch.optim.Optimizer:
+        if tp.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=tp.lr, weight_decay=tp.weight_decay)
+        return torch.optim.SGD(params, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+
+    def augmentation(self, tp: TrainParams) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What the loop does to a batch's float images before ``module`` sees them."""
+        return augmenter(tp, self.loaded.image_size)
 
     def __init__(self, loaded, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",),
                  seed: int = 0, **params: Any):
@@ -117,7 +235,10 @@ class Defense:
 
 
 def lr_at(epoch_float: float, tp: TrainParams) -> float:
-    """CoOp schedule: constant ``warmup_lr`` for ``warmup_epochs``, then cosine from ``lr``."""
+    """The recipe's schedule: ``constant`` lr, or CoOp's: constant ``warmup_lr`` for
+    ``warmup_epochs``, then cosine from ``lr``."""
+    if tp.schedule == "constant":
+        return tp.lr
     if epoch_float < tp.warmup_epochs:
         return tp.warmup_lr
     span = max(1e-9, tp.epochs - tp.warmup_epochs)
@@ -144,18 +265,19 @@ def train_defense(defense: Defense, tp: TrainParams,
                   progress: Optional[Callable[[int, dict], None]] = None,
                   on_epoch_end: Optional[Callable[[int, dict, torch.optim.Optimizer], None]] = None
                   ) -> TrainHistory:
-    """Train a defense with the CoOp recipe. ``epoch_batches(epoch)`` yields batches with
-    ``image`` (uint8 [B,3,H,W]) and ``label``. ``module`` is ``defense.module`` or its DDP
-    wrapper. ``on_epoch_end(epoch, stats, optimizer)`` is where callers checkpoint; training
-    resumes from ``start_epoch`` with ``optimizer_state``."""
+    """Train a defense with recipe ``tp`` (its optimizer, schedule and augmentation).
+    ``epoch_batches(epoch)`` yields batches with ``image`` (uint8 [B,3,H,W]), ``label`` and, for
+    image-caption data, ``text``. ``module`` is ``defense.module`` or its DDP wrapper.
+    ``on_epoch_end(epoch, stats, optimizer)`` is where callers checkpoint; training resumes from
+    ``start_epoch`` with ``optimizer_state``."""
     module = module if module is not None else defense.module
     params = defense.trainable_parameters()
-    opt = torch.optim.SGD(params, lr=tp.lr, momentum=tp.momentum, weight_decay=tp.weight_decay)
+    opt = defense.make_optimizer(params, tp)
     if optimizer_state:
         opt.load_state_dict(optimizer_state)
     device = defense.loaded.device
     use_amp = tp.amp and device.type == "cuda"
-    augment = augmenter(tp, defense.loaded.image_size)
+    augment = defense.augmentation(tp)
     torch.manual_seed(defense.seed * 1000 + start_epoch)
     hist = TrainHistory()
     module.train()
@@ -170,8 +292,9 @@ def train_defense(defense: Defense, tp: TrainParams,
             x = augment(batch["image"].float().div(255))
             y = batch["label"].to(device)
             keys = None if tp.augment else batch.get("key")  # cached features need fixed pixels
+            inputs = {"image": x, "label": y, "key": keys, "text": batch.get("text")}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, stats = module(x, y, keys)
+                loss, stats = module(inputs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -61,8 +61,9 @@ class PromptObjective(nn.Module):
                 self.cache[k] = [f[j].detach() for f in ref]
         return ref
 
-    def forward(self, images01: torch.Tensor, labels: torch.Tensor, keys=None):
-        x = self.loaded.normalize(images01)
+    def forward(self, batch: dict):
+        labels, keys = batch["label"], batch.get("key")
+        x = self.loaded.normalize(batch["image"])
         repel = self.p.alpha > 0
         out = self.encoder(x, with_features=repel, feature_site=self.p.feature_site)
         emb, feats = out if repel else (out, [])
@@ -87,6 +88,9 @@ class RVPT(Defense):
     """Deep visual prompts trained with CE + α·feature-repelling loss (α = 2)."""
 
     Params = PromptParams
+    space = {"depth": [3, 6], "length": [10, 50], "alpha": [1.0, 2.0]}
+    trained = "prompts"
+    data = "fewshot"
 
     def setup(self) -> None:
         p = self.params
@@ -127,13 +131,12 @@ class VPT(RVPT):
     """Plain visual prompt tuning: RVPT with α = 0 (the paper's ablation)."""
 
     Params = VPTParams
+    space = {"depth": [3, 6], "length": [10, 50]}
 
 
 @register_defense("none")
 class NoDefense(Defense):
     """The backdoored model as it is, zero-shot."""
-
-    trains = False
 
     def save(self, directory: str | Path) -> Path:
         Path(directory).mkdir(parents=True, exist_ok=True)
