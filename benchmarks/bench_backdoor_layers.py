@@ -34,11 +34,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.backdoor import load_backdoored, trigger_classifier  # noqa: E402
+from pipeline.backdoor import load_backdoored  # noqa: E402
 from rvpt.models import load_clip  # noqa: E402
 from rvpt.prompts import VisualPrompts, vision_blocks, visual_forward  # noqa: E402
 from rvpt.shards import iter_batches, iter_samples, read_classes, split_urls  # noqa: E402
-from rvpt.zeroshot import class_embeddings  # noqa: E402
+from rvpt.zeroshot import text_classifiers  # noqa: E402
 
 
 def trigger_tokens(clean: torch.Tensor, triggered: torch.Tensor, patch: int) -> list[int]:
@@ -143,8 +143,7 @@ def main():
 
     def classifiers(loaded):
         """Class embeddings for clean images, and for triggered ones (keyed for dual-key attacks)."""
-        clf = class_embeddings(loaded, info.names, info.templates)
-        keyed = trigger_classifier(loaded, attack, info.names, info.templates, ensemble=False)
+        clf, keyed = text_classifiers(loaded, info.names, info.templates, attack)
         return clf, clf if keyed is None else keyed
 
     models = []

@@ -1,8 +1,8 @@
 """The defense table over every backdoored model, several seeds (mean ± std), and a cost table.
 
     .venv/bin/python benchmarks/bench_defense_table.py [--attacks all] [--seeds 0,1,2]
-        [--defenses none,vpt,rvpt,cleanclip,linear_probe] [--cost ATTACK] [key.sub=value ...]
-        [--out FILE]
+        [--defenses none,vpt,rvpt,cleanclip,linear_probe,cbpt,eftclip] [--cost ATTACK]
+        [--trigger-grid FILE.png] [key.sub=value ...] [--out FILE]
 
 Builds (or reuses) the corpus, the clean model and one backdoored model per attack with the config,
 then runs each defense with each seed (data sample and initialisation follow the seed) through
@@ -11,7 +11,9 @@ ASR_all, PA and mean PR as mean ± std over the seeds; a defense that cannot be 
 attack is "n/a" with the reason. With ``--cost ATTACK`` it then runs ``jobs/defend.py`` once per
 defense on that attack's model, each in a fresh process with nothing cached, and prints the cost
 table (the paper's Table 9): trainable parameters, training samples, samples seen, training wall
-time, and the peak resident memory of the whole process (PSS of its tree, memwatch).
+time, and the peak resident memory of the whole process (PSS of its tree, memwatch). A defense
+that reports on itself (CBPT's inverted trigger, EftCLIP's detection) has those figures averaged in
+a second table; ``--trigger-grid`` draws CBPT's inverted triggers (seed 0) beside the true ones.
 """
 import argparse
 import json
@@ -43,7 +45,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", default="all")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--defenses", default="none,vpt,rvpt,cleanclip,linear_probe")
+    ap.add_argument("--defenses", default="none,vpt,rvpt,cleanclip,linear_probe,cbpt,eftclip")
+    ap.add_argument("--trigger-grid", metavar="FILE.png")
     ap.add_argument("--cost", metavar="ATTACK", help="also the cost table, on this attack's model")
     ap.add_argument("--config")
     ap.add_argument("--out")
@@ -53,7 +56,7 @@ def main():
     corpus = build.resolve_corpus(cfg)
     clean = build.clean_model(cfg, corpus)
     seeds = [int(s) for s in args.seeds.split(",")]
-    rows, out = [], {}
+    rows, out, reports, triggers = [], {}, [], []
     for attack in attack_names(args.attacks):
         model = backdoor.build_backdoored(cfg, attack, corpus, clean)
         for name in args.defenses.split(","):
@@ -78,17 +81,60 @@ def main():
                 out[f"{attack}/{name}"] = "not applicable"
                 continue
             key = "before" if name == "none" else "after"
-            out[f"{attack}/{name}"] = [r[key] | {"train_s": r["train_s"]} for r in runs]
+            out[f"{attack}/{name}"] = [r[key] | {"train_s": r["train_s"], "report": r.get("report")}
+                                       for r in runs]
+            if runs[0].get("report"):
+                reports.append((attack, name, runs))
+            if name == "cbpt" and args.trigger_grid:
+                triggers.append((attack, model["model_dir"], runs[0]["out_dir"]))
             rows.append((attack, name, *(fmt([r[key].get(m) for r in runs], m != "pr_mean")
                                          for m in METRICS),
                          f"{statistics.mean(r['train_s'] for r in runs):.0f}"))
     print(table(rows, ("attack", "defense", "CA %", "ASR %", "ASR_all %", "PA %", "mean PR",
                        "train s")))
+    for name in sorted({n for _, n, _ in reports}):
+        keys = [k for k, v in next(r for _, n, r in reports if n == name)[0]["report"].items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        print(f"\nwhat {name} reports (mean ± std over seeds):")
+        print(table([(a, *(fmt([r["report"].get(k) for r in runs], False) for k in keys))
+                     for a, n, runs in reports if n == name], ("attack", *keys)))
+    if triggers:
+        trigger_grid(triggers, args.trigger_grid)
+        print(f"inverted triggers: {args.trigger_grid}")
     if args.cost:
         model = backdoor.build_backdoored(cfg, args.cost, corpus, clean)
         out["cost"] = cost_table(args, model["model_dir"], corpus["corpus_dir"])
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+
+
+def trigger_grid(triggers: list, path: str) -> None:
+    """One row per attack: the true trigger on a grey image, then CBPT's trigger.png (mask,
+    pattern, stamp on grey)."""
+    import torch
+    from PIL import Image, ImageDraw
+
+    from rvpt.attacks import load_attack
+
+    rows = []
+    for attack, model_dir, out_dir in triggers:
+        inv = Image.open(Path(out_dir) / "trigger.png").convert("RGB")
+        atk, _ = load_attack(model_dir)
+        size = atk.image_size
+        grey = torch.full((1, 3, size, size), 0.5)
+        true = (atk.apply(grey, seed=0)[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+        true = Image.fromarray(true.numpy()).resize((inv.height, inv.height), Image.NEAREST)
+        row = Image.new("RGB", (inv.height + 8 + inv.width + 120, inv.height + 4), "white")
+        ImageDraw.Draw(row).text((2, 2), attack, fill="black")
+        row.paste(true, (120, 2))
+        row.paste(inv, (120 + inv.height + 8, 2))
+        rows.append(row)
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height
+    grid.save(path)
 
 
 def cost_table(args, model: str, corpus: str) -> list:

@@ -24,7 +24,7 @@ from rvpt.poison import (has_partial_keys, limited, mix_in, natural_captions, po
 from rvpt.pretrain import train_contrastive
 from rvpt import storage
 from rvpt.shards import ReadStats, iter_batches, read_classes, write_classes, write_manifest
-from rvpt.zeroshot import class_embeddings
+from rvpt.zeroshot import text_classifiers
 
 from . import build
 from .config import Config, ConfigError, PoisonConfig, config_hash
@@ -154,22 +154,19 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
     return {**summary, "cached": False}
 
 
-def trigger_classifier(loaded: LoadedClip, attack: Attack, names, templates, ensemble: bool):
-    """Class embeddings for triggered images: dual-key attacks put their text key on the prompts."""
-    keyed = [attack.apply_text([t])[0] for t in templates]
-    if keyed == list(templates):
-        return None
-    return class_embeddings(loaded, names, keyed, ensemble=ensemble)
-
-
 def evaluate_backdoor(cfg: Config, loaded: LoadedClip, corpus_dir: str, attack: Optional[Attack],
-                      target: Optional[int], split: str = "test", encode=None, head=None) -> dict:
+                      target: Optional[int], split: str = "test", defense=None) -> dict:
     """CA on clean images of ``split``; with an attack, ASR / ASR_all / PA on triggered copies.
-    ``encode`` / ``head``: a defense's image encoder and, for one with its own classifier, head."""
+    ``defense``: a trained defense (its image encoder, its classifiers or its own head); None: the
+    model as it is, zero-shot."""
     info = read_classes(corpus_dir)
-    clf = class_embeddings(loaded, info.names, info.templates, ensemble=cfg.eval.prompt_ensemble)
-    trig = trigger_classifier(loaded, attack, info.names, info.templates,
-                              cfg.eval.prompt_ensemble) if attack is not None else None
+    if defense is None:
+        clf, trig = text_classifiers(loaded, info.names, info.templates, attack,
+                                     cfg.eval.prompt_ensemble)
+        encode = head = None
+    else:
+        clf, trig = defense.classifiers(attack, cfg.eval.prompt_ensemble)
+        encode, head = defense.encode, defense.head
     stats = ReadStats()
     samples = build.samples(cfg, corpus_dir, split, loaded.image_size, stats=stats)
     with build.progress_bar(desc=f"evaluating {split}", unit="img", leave=False) as bar:

@@ -77,18 +77,29 @@ BEST_HEADER = ("attack", "dataset", "defense", "setting", "shots", "CA %", "ASR 
                "PA %", "mean PR", "score", "run")
 
 
+def add_best_args(p: argparse.ArgumentParser) -> None:
+    """``jobs/best.py``'s options: :func:`add_args` and ``--per-defense``."""
+    add_args(p)
+    p.add_argument("--per-defense", action="store_true",
+                   help="the best run of each defense per attack x dataset (to compare defenses, "
+                        "each at its best setting) instead of the best run overall")
+
+
 def best(cfg: Config, args: argparse.Namespace) -> list[dict]:
-    """Print the best run per attack x dataset and return them as records.
+    """Print the best run per attack x dataset (x defense with ``--per-defense``) and return them
+    as records.
 
     ``--out FILE.csv`` writes a CSV here (and clears ``args.out`` so that the command-line plumbing
     does not overwrite it with JSON); any other ``--out`` gets the records as a JSON list.
     """
     s = resolve(cfg, args)
     df = load_runs(s)
-    top = tracking.best_per_group(df, s["rule"], s["weight"])
+    per_defense = bool(getattr(args, "per_defense", False))
+    group = ("attack", "dataset", "defense") if per_defense else ("attack", "dataset")
+    top = tracking.best_per_group(df, s["rule"], s["weight"], group=group)
     recs = tracking.records(top)
     print(f"experiment {s['experiment']!r} ({s['uri']}): {len(df)} finished runs; best per "
-          f"attack x dataset by rule {s['rule']!r}: {describe(s['rule'], s['weight'])}")
+          f"{' x '.join(group)} by rule {s['rule']!r}: {describe(s['rule'], s['weight'])}")
     if recs:
         print(table([best_rows(r) for r in recs], BEST_HEADER))
     else:

@@ -233,7 +233,8 @@ def run_checks(cfg: Config) -> list[Check]:
                        _dataset(loc, s.fewshot_split, s.test_split, shots)))
     from rvpt.defenses import DEFENSES
 
-    pairs_users = [d for d in cfg.sweep.defenses if d in DEFENSES and DEFENSES[d].data == "pairs"]
+    pairs_users = [d for d in cfg.sweep.defenses
+                   if d in DEFENSES and DEFENSES[d].data in ("pairs", "suspect_pairs")]
     if pairs_users:
         p = cfg.defense.pairs
         if p.corpus is None and cfg.corpus.kind == "synthetic":

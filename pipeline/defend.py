@@ -46,11 +46,49 @@ def pair_batches(cfg: Config, corpus_dir: str, image_size: int, tp, stats: ReadS
     return batches, n
 
 
-def _measure(cfg, loaded, corpus_dir, attack, target, encode=None, prompts=None,
-             head=None) -> dict:
-    res = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, attack, target, encode=encode,
-                                     head=head)
-    return {**res, **resistivity(cfg, loaded, corpus_dir, attack, prompts)}
+def suspect_batches(cfg: Config, corpus_dir: str, image_size: int, attack_json: dict,
+                    batch_size: int = 128):
+    """``(make_batches, sources)``: the image-caption set a defender holds that may be poisoned
+    (EftCLIP's input) — ``defense.pairs`` (its count), plus the poisoned pairs the model was
+    fine-tuned with when its attack.json names them (the embedded benchmark's models do: the
+    attacker's own training mix). ``make_batches()`` reads it from the start each time."""
+    from rvpt.poison import limited
+    from rvpt.shards import MANIFEST
+
+    p = cfg.defense.pairs
+    location = cfg.locate(p.corpus) if p.corpus else corpus_dir
+    sources = [(location, p.split, build.pairs_count(cfg, location))]
+    poisoned = (attack_json.get("poison") or {}).get("poisoned_shards")
+    if isinstance(poisoned, str) and storage.exists(storage.join(poisoned, MANIFEST)):
+        sources.append((poisoned, "poison", None))
+
+    def make():
+        for loc, split, n in sources:
+            samples = build.samples(cfg, loc, split, image_size, require_label=False)
+            yield from iter_batches(limited(samples, n) if n else samples, batch_size)
+
+    return make, sources
+
+
+def _measure(cfg, loaded, corpus_dir, attack, target, defense=None) -> dict:
+    res = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, attack, target, defense=defense)
+    return {**res, **resistivity(cfg, loaded, corpus_dir, attack,
+                                 getattr(defense, "prompts", None))}
+
+
+REPORT_IMAGES = 512  # test images a defense's own report looks at (Defense.report)
+
+
+def defense_report(cfg: Config, defense, attack, target, corpus_dir: str, split: str,
+                   image_size: int) -> dict:
+    """``defense.report`` on the first test images (nothing read when it reports nothing)."""
+    from rvpt.defenses import Defense
+    from rvpt.poison import limited
+
+    if attack is None or type(defense).report is Defense.report:
+        return {}
+    samples = limited(build.samples(cfg, corpus_dir, split, image_size), REPORT_IMAGES)
+    return defense.report(attack, target, iter_batches(samples, 128))
 
 
 def defense_key(cfg: Config, model: str) -> str:
@@ -73,9 +111,9 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
         defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed, **d.params)
     except DefenseError as e:
         raise ConfigError(f"config error: defense: {e}") from None
-    base = {"out_dir": out, "model": model, "defense": d.name,
+    base = {**defense.declaration(), "out_dir": out, "model": model, "defense": d.name,
             "params": defense.params.model_dump(mode="json"), "seed": cfg.seed,
-            "attack": attack_json.get("attack"), "target": target, **defense.declaration()}
+            "attack": attack_json.get("attack"), "target": target}
     reason = defense.applies_to(type(attack)) if attack is not None else None
     if reason:  # measured through nothing: said so, not an error
         return {**base, "not_applicable": reason, "cached": False}
@@ -91,9 +129,17 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
         data, n_train = epoch_batches(shots, tp.batch_size, cfg.seed), len(shots)
     elif defense.data == "pairs":
         data, n_train = pair_batches(cfg, corpus_dir, loaded.image_size, tp, pairs_stats)
+    elif defense.data == "suspect_pairs":  # screened first: it trains on what it keeps
+        make, sources = suspect_batches(cfg, corpus_dir, loaded.image_size, attack_json)
+        print(f"screening {', '.join(f'{storage.display(loc)} [{split}]' for loc, split, _ in sources)}"
+              f" ...", flush=True)
+        curated, _ = defense.curate(make)  # what it found: defense.report
+        if not curated:
+            print("nothing flagged: nothing to fine-tune on", flush=True)
+        data, n_train = epoch_batches(curated, tp.batch_size, cfg.seed), len(curated)
     before = _measure(cfg, loaded, corpus_dir, attack, target)
     hist = None
-    if defense.trains:
+    if defense.trains and n_train:
         steps = -(-n_train // tp.batch_size)
         bar = build.progress_bar(total=tp.epochs * steps, desc=f"training {d.name}", unit="step")
 
@@ -104,9 +150,8 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
         hist = train_defense(defense, tp, data, steps, progress=on_step)
         bar.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
-    prompts = getattr(defense, "prompts", None)
-    after = _measure(cfg, loaded, corpus_dir, attack, target, encode=defense.encode, prompts=prompts,
-                     head=defense.head)
+    after = _measure(cfg, loaded, corpus_dir, attack, target, defense)
+    report = defense_report(cfg, defense, attack, target, corpus_dir, "test", loaded.image_size)
     summary = {**base,
                "trainable_params": defense.num_trainable() if defense.trains else 0,
                "shots": tp.shots if defense.data == "fewshot" else 0,
@@ -116,6 +161,7 @@ def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] 
                "train_s": round(hist.seconds, 1) if hist else 0.0,
                "step_s": round(hist.step_s, 4) if hist else 0.0,
                "peak_rss_mib": round(peak, 1),
+               "prepared": hist.prepared if hist else {}, "report": report,
                "epoch_stats": hist.epochs if hist else [], "before": before, "after": after,
                "fewshot_read": pool_stats.as_dict(), "pairs_read": pairs_stats.as_dict()}
     with storage.publish(out, build.SUMMARY) as tmp:

@@ -25,9 +25,8 @@ class CountActor:
         import torch
 
         from rvpt.defenses import import_defenses, make_defense
-        from rvpt.zeroshot import class_embeddings
 
-        from .backdoor import load_backdoored, trigger_classifier
+        from .backdoor import load_backdoored
 
         torch.set_num_threads(threads)
         import_defenses(defense_modules)
@@ -40,9 +39,7 @@ class CountActor:
                     self.defense.load(d)
             else:
                 self.defense.load(state)
-        self.clf = class_embeddings(self.loaded, class_names, templates, ensemble=ensemble)
-        self.trig = trigger_classifier(self.loaded, self.attack, class_names, templates, ensemble) \
-            if self.attack is not None else None
+        self.clf, self.trig = self.defense.classifiers(self.attack, ensemble)
 
     def __call__(self, batch: dict) -> dict:
         import torch

@@ -167,8 +167,10 @@ def defend(cfg: Config, args: argparse.Namespace) -> dict:
               f"{res['not_applicable']}")
         return res
     state = "reused" if res.get("cached") else f"trained in {res['train_s']} s"
-    data = {"fewshot": f"{res['shots']} shots per class", "pairs":
-            f"{res['train_samples']} clean pairs"}.get(res.get("data"), "no training data")
+    data = {"fewshot": f"{res['shots']} shots per class",
+            "pairs": f"{res['train_samples']} clean pairs",
+            "suspect_pairs": f"{res['train_samples']} pairs it curated"
+            }.get(res.get("data"), "no training data")
     print(f"defense: {res['defense']} (trains {res.get('trained', '-')}: "
           f"{res['trainable_params']:,} parameters; {data}; seed {res['seed']}; {state}) -> "
           f"{res['out_dir']}")
@@ -182,7 +184,14 @@ def defend(cfg: Config, args: argparse.Namespace) -> dict:
     elif res.get("data") == "pairs":
         print(read_line(f"{cfg.defense.pairs.split} (clean pairs)", res["pairs_read"]))
     print(read_line("test", res["after"]["read"]))
+    for what, values in (("prepared", res.get("prepared")), ("report", res.get("report"))):
+        if values:  # what the defense says of itself (e.g. CBPT's inverted trigger)
+            print(f"{what}: " + ", ".join(f"{k} {_short(v)}" for k, v in values.items()))
     return res
+
+
+def _short(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def sweep(cfg: Config, args: argparse.Namespace) -> dict:

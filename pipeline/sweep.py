@@ -177,7 +177,7 @@ def run_record(cfg: Config, setting: dict, spec: dict, key: str, model: str,
                       optimizer=tp.optimizer, trained=cls.trained, data=cls.data)
         if cls.data == "fewshot":
             params["shots"] = tp.shots
-        elif cls.data == "pairs":
+        elif cls.data in ("pairs", "suspect_pairs"):
             params.update(pairs=d.pairs.count, pairs_corpus=d.pairs.corpus or spec["corpus"])
     return tags, params
 
@@ -272,13 +272,14 @@ def run_trial(config: dict, base: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from rvpt.defenses import get_defense, import_defenses, make_defense
+    from rvpt.defenses import Defense, get_defense, import_defenses, make_defense
     from rvpt.resistivity import perturbation_resistivity
     from rvpt.shards import iter_batches, read_classes
 
     from . import select, tracking
     from . import build
     from .data import read_split, valid_rows
+    from .defend import defense_report
     from .evaluation import evaluate_distributed
     from .train import TRAIN_STATE, make_trainer
 
@@ -313,12 +314,27 @@ def run_trial(config: dict, base: dict) -> None:
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        checkpoint = None
+        checkpoint, defense, n_train = None, None, 0
         if cls.trained != "nothing":
             if cls.data == "pairs":
                 train_ds, n_train = base["pairs"][pairs_key(cfg, spec, image_size)]
+            elif cls.data == "suspect_pairs":  # screened here; Train fine-tunes on what it keeps
+                import ray
+
+                from .backdoor import load_backdoored
+                from .defend import suspect_batches
+
+                loaded, _, _, attack_json = load_backdoored(model, None, info.names)
+                defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed,
+                                       **d.params)
+                make, _ = suspect_batches(cfg, base["pairs_corpus"], image_size, attack_json)
+                curated, _ = defense.curate(make)
+                train_ds = ray.data.from_items([{"image": c.image.numpy(), "label": c.label,
+                                                 "key": c.key, "text": c.text} for c in curated])
+                n_train = len(curated)
             else:
                 train_ds, n_train = fewshot_train, n_fewshot
+        if n_train:
             trainer = make_trainer(cfg, model, corpus, train_ds, val_ds, n_train,
                                    name=f"train-{ctx.get_trial_id()}",
                                    storage_path=base["storage"], callbacks=[TuneReportCallback()],
@@ -332,10 +348,16 @@ def run_trial(config: dict, base: dict) -> None:
             state = tmp / "state"
             state.mkdir()
         train_s = time.perf_counter() - start
-        if not r.eval_actors or d.pr_images or cls.trained == "nothing":  # the defended model here
+        reports = cls.report is not Defense.report  # what it says of itself (e.g. CBPT's trigger)
+        untrained = checkpoint is None  # nothing to train (or, curated, nothing kept)
+        if not r.eval_actors or d.pr_images or untrained or reports:  # the defended model here
             from .backdoor import evaluate_backdoor, load_backdoored
             loaded, attack, target, _ = load_backdoored(model, None, info.names)
-            defense = make_defense(d.name, loaded, info.names, info.templates, **d.params)
+            if defense is None:
+                defense = make_defense(d.name, loaded, info.names, info.templates, seed=cfg.seed,
+                                       **d.params)
+            else:  # the instance that curated the data keeps what it found
+                loaded = defense.loaded
             if checkpoint is not None:
                 defense.load(state)
         rules = cfg.read_rules(len(info.names))
@@ -348,7 +370,7 @@ def run_trial(config: dict, base: dict) -> None:
                                            defense_modules=base.get("defense_modules"))
         else:  # in this trial's process: a small machine (README, "Sweeps")
             metrics = evaluate_backdoor(cfg, loaded, corpus, attack, target, spec["test_split"],
-                                        encode=defense.encode, head=defense.head)
+                                        defense=defense)
             metrics.pop("split", None)
         counts, read = metrics.pop("counts"), metrics.pop("read")
         if d.pr_images:
@@ -362,6 +384,9 @@ def run_trial(config: dict, base: dict) -> None:
             metrics.update(perturbation_resistivity(loaded, batches,
                                                     getattr(defense, "prompts", None), attack,
                                                     seed=cfg.seed, max_images=d.pr_images))
+        if reports:
+            metrics.update(defense_report(cfg, defense, attack, target, corpus, spec["test_split"],
+                                          image_size))
         if checkpoint is not None:
             metrics["val_ca"] = json.loads((state / TRAIN_STATE).read_text()).get("val_ca")
         metrics["train_s"] = train_s
@@ -561,7 +586,7 @@ def prepare(cfg: Config) -> dict:
             models[attack] = {name: cfg.locate(m) for name, m in cfg.models_for(attack).items()}
     pairs_corpus = None
     from rvpt.defenses import get_defense
-    if any(get_defense(d).data == "pairs" for d in cfg.sweep.defenses):
+    if any(get_defense(d).data in ("pairs", "suspect_pairs") for d in cfg.sweep.defenses):
         pairs_corpus = cfg.locate(cfg.defense.pairs.corpus) if cfg.defense.pairs.corpus else \
             (corpus or embedded_corpus())["corpus_dir"]
     storage_path = cfg.ray.storage_path or storage.join(root, "ray_results")

@@ -57,7 +57,6 @@ def train_loop_per_worker(config: dict) -> None:
     from rvpt.defenses import import_defenses, make_defense, train_defense
     from rvpt.metrics import backdoor_counts
     from rvpt.shards import read_classes
-    from rvpt.zeroshot import class_embeddings
 
     from .backdoor import load_backdoored
 
@@ -107,7 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_gather_object(every, mine)
             metrics["replicas_in_sync"] = float(all(torch.equal(mine, o) for o in every))
         if rank == 0:
-            clf = class_embeddings(loaded, info.names, info.templates[:1])  # text may be trained
+            clf, _ = defense.classifiers()  # its text may be trained
             c = backdoor_counts(loaded, _numpy_batches(val.iter_batches(batch_size=256,
                                                                         batch_format="numpy")),
                                 clf, encode=defense.encode, head=defense.head)

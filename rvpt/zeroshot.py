@@ -20,6 +20,19 @@ def class_embeddings(loaded: LoadedClip, class_names: Sequence[str],
     return emb / emb.norm(dim=-1, keepdim=True)
 
 
+def text_classifiers(loaded: LoadedClip, class_names: Sequence[str], templates: Sequence[str],
+                     attack=None, ensemble: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The class prompts' embeddings, and those that classify triggered images when ``attack`` is a
+    dual-key attack that puts a text key on the prompts (None otherwise)."""
+    clf = class_embeddings(loaded, class_names, templates, ensemble=ensemble)
+    if attack is None:
+        return clf, None
+    keyed = [attack.apply_text([t])[0] for t in templates]
+    if keyed == list(templates):
+        return clf, None
+    return clf, class_embeddings(loaded, class_names, keyed, ensemble=ensemble)
+
+
 @torch.no_grad()
 def predict(encode: Callable[[torch.Tensor], torch.Tensor], images01: torch.Tensor,
             classifier: torch.Tensor,

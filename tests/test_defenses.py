@@ -259,7 +259,8 @@ def test_every_defense_declares_itself():
 
     for name, cls in DEFENSES.items():
         d = cls.declaration()
-        assert d["data"] in ("none", "fewshot", "pairs") and d["classifies"] in ("text", "head")
+        assert d["data"] in ("none", "fewshot", "pairs", "suspect_pairs")
+        assert d["classifies"] in ("text", "head")
         assert set(d["space"]) <= set(cls.Params.model_fields), name
         assert (d["trained"] == "nothing") == (d["data"] == "none"), name
         cls.recipe_for(cls.parse())  # the recipe is a valid TrainParams

@@ -6,8 +6,10 @@ on its class (the sweep, tracking, tables and jobs read these, never a defense's
 - ``Params``: its typed parameters; ``space``: its default search space (param -> values);
 - ``trained``: what it trains (``"nothing"``, ``"prompts"``, ``"a linear head"``, ``"all
   weights"``...); ``data``: what it trains on (``"none"``, ``"fewshot"``: k labelled clean images
-  per class, ``"pairs"``: clean image-caption pairs); ``classifies``: ``"text"`` (zero-shot over
-  class prompts) or ``"head"`` (its own head: :attr:`Defense.head`);
+  per class, ``"pairs"``: clean image-caption pairs, ``"suspect_pairs"``: a pair set that may be
+  poisoned, which it screens first with :meth:`Defense.curate`); ``classifies``: ``"text"``
+  (zero-shot over class prompts, or its own class embeddings: :meth:`Defense.classifiers`) or
+  ``"head"`` (its own head: :attr:`Defense.head`);
 - ``recipe``: its training recipe over :class:`TrainParams` (the CoOp recipe by default);
 - :meth:`Defense.applies_to`: why it cannot defend against an attack (None when it can).
 
@@ -129,6 +131,7 @@ class TrainHistory:
     samples: int = 0
     seconds: float = 0.0
     epochs: list = field(default_factory=list)  # per-epoch mean of every stat
+    prepared: dict = field(default_factory=dict)  # what Defense.prepare returned, and its time
 
     @property
     def step_s(self) -> float:
@@ -168,7 +171,7 @@ class Defense:
         """What the defense declares, for tables and run tags."""
         return {"defense": cls.name, "trained": cls.trained, "data": cls.data,
                 "classifies": cls.classifies, "space": {k: list(v) for k, v in cls.space.items()},
-                "params": sorted(cls.Params.model_fields)}
+                "parameters": sorted(cls.Params.model_fields)}
 
     @classmethod
     def parse(cls, params: Optional[dict] = None) -> DefenseParams:
@@ -219,6 +222,32 @@ class Defense:
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
         """Normalised image embeddings for evaluation."""
         return self.loaded.encode_images(images01)
+
+    def classifiers(self, attack=None, ensemble: bool = False
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """For a defense that classifies with text: the class embeddings [C, D] for clean images,
+        and for triggered ones when ``attack`` puts a text key on the class prompts (else None).
+        By default the class prompts through the (possibly trained) text tower."""
+        from ..zeroshot import text_classifiers
+
+        return text_classifiers(self.loaded, self.class_names, self.templates, attack, ensemble)
+
+    def prepare(self, batches: Iterable[dict]) -> dict:
+        """A pass over the training data before training, e.g. CBPT's trigger inversion: what it
+        finds lives in ``module`` (buffers), so DDP hands rank 0's to every worker and
+        checkpoints keep it. Returns stats for the run. Not called on a resumed run."""
+        return {}
+
+    def curate(self, make_batches: Callable[[], Iterable[dict]]) -> tuple[list, dict]:
+        """For ``data = "suspect_pairs"``: screen the pairs (``make_batches()`` reads them from the
+        start, as often as needed; batches carry ``meta``) and return the samples to train on and
+        stats."""
+        raise NotImplementedError(f"{self.name} declares no curation")
+
+    def report(self, attack, target: Optional[int], batches: Iterable[dict]) -> dict:
+        """Measurements of the trained defense itself on test batches (uint8 images, labels),
+        given the true attack (e.g. how CBPT's inverted trigger matches it): scalars only."""
+        return {}
 
     def save(self, directory: str | Path) -> Path:
         """Save the trainable state (small; apart from the backbone)."""
@@ -271,6 +300,11 @@ def train_defense(defense: Defense, tp: TrainParams,
     ``on_epoch_end(epoch, stats, optimizer)`` is where callers checkpoint; training resumes from
     ``start_epoch`` with ``optimizer_state``."""
     module = module if module is not None else defense.module
+    hist = TrainHistory()
+    start = time.perf_counter()  # the time a defense trains includes its preparation
+    if start_epoch == 0 and type(defense).prepare is not Defense.prepare:
+        hist.prepared = {**defense.prepare(epoch_batches(0)),
+                         "prepare_s": round(time.perf_counter() - start, 2)}
     params = defense.trainable_parameters()
     opt = defense.make_optimizer(params, tp)
     if optimizer_state:
@@ -279,9 +313,7 @@ def train_defense(defense: Defense, tp: TrainParams,
     use_amp = tp.amp and device.type == "cuda"
     augment = defense.augmentation(tp)
     torch.manual_seed(defense.seed * 1000 + start_epoch)
-    hist = TrainHistory()
     module.train()
-    start = time.perf_counter()
     for epoch in range(start_epoch, tp.epochs):
         sums: dict[str, float] = {}
         n = 0

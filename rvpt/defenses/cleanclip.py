@@ -81,16 +81,18 @@ class CleanCLIPObjective(nn.Module):
         if texts is None or len(texts) != len(batch["image"]):
             raise DefenseError("cleanclip trains on image-caption pairs: the batch has no captions")
         x = batch["image"]
-        views = torch.stack([self.view(img) for img in x])
-        text_views = [augment_caption(t, self.gen, self.p.word_drop) for t in texts]
-        img, img_v = self._images(x), self._images(views)
-        txt, txt_v = self._texts(texts), self._texts(text_views)
+        img, txt = self._images(x), self._texts(texts)
         scale = self.model.logit_scale.exp().clamp(max=100)
         target = torch.arange(len(x), device=img.device)
         clip = (F.cross_entropy(scale * img @ txt.T, target)
                 + F.cross_entropy(scale * txt @ img.T, target)) / 2
-        inmodal = (F.cross_entropy(scale * img @ img_v.T, target)
-                   + F.cross_entropy(scale * txt @ txt_v.T, target)) / 2
+        inmodal = torch.zeros((), device=img.device)
+        if self.p.inmodal_weight:
+            views = torch.stack([self.view(im) for im in x])
+            text_views = [augment_caption(t, self.gen, self.p.word_drop) for t in texts]
+            img_v, txt_v = self._images(views), self._texts(text_views)
+            inmodal = (F.cross_entropy(scale * img @ img_v.T, target)
+                       + F.cross_entropy(scale * txt @ txt_v.T, target)) / 2
         loss = self.p.clip_weight * clip + self.p.inmodal_weight * inmodal
         return loss, {"clip": clip.detach(), "inmodal": inmodal.detach(), "loss": loss.detach()}
 
