@@ -92,9 +92,20 @@ def defense_report(cfg: Config, defense, attack, target, corpus_dir: str, split:
 
 
 def defense_key(cfg: Config, model: str) -> str:
+    """The cache key of a defend run: the config's defense section with the defense's parameters
+    and recipe as its code resolves them, so that a changed default is not read from an older
+    result."""
+    from rvpt.defenses import get_defense
+
     d = cfg.defense
+    try:
+        cls = get_defense(d.name)
+        resolved = {"params": cls.Params(**d.params).model_dump(mode="json"),
+                    "recipe": dict(cls.recipe)}
+    except Exception:  # an unknown defense or bad parameters: defend() reports it
+        resolved = None
     return config_hash({"defend": 1, "model": storage.display(model), "defense": d,
-                        "seed": cfg.seed, "corpus": cfg.corpus})
+                        "resolved": resolved, "seed": cfg.seed, "corpus": cfg.corpus})
 
 
 def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] = None,

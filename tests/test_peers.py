@@ -256,3 +256,24 @@ def test_cbpt_and_eftclip_through_the_sweep(corpus, smoke_root, tmp_path):
     assert set(best) == {"cbpt", "eftclip"} and best["cbpt"]["mask_penalty"] in (0.3, 3.0)
     report = open(res["report"]["report"]).read()
     assert "cbpt" in report and "eftclip" in report and "theta=" in report
+
+
+def test_a_changed_default_is_not_read_from_an_older_defend_result(monkeypatch):
+    """The defend job's results are cached per setting: the setting is what the code resolves,
+    so a defense whose default changed runs again instead of reusing the old result."""
+    from pipeline.config import load_config
+    from pipeline.defend import defense_key
+    from rvpt.defenses.eftclip import EftCLIP, EftCLIPParams
+
+    cfg = load_config(None, ["defense.name=eftclip"])
+    before = defense_key(cfg, "/models/m")
+    assert defense_key(cfg, "/models/m") == before
+
+    class Older(EftCLIPParams):
+        caption_names: str = "candidates"
+
+    monkeypatch.setattr(EftCLIP, "Params", Older)
+    assert defense_key(cfg, "/models/m") != before
+    monkeypatch.setattr(EftCLIP, "recipe", {**EftCLIP.recipe, "epochs": 1})
+    monkeypatch.setattr(EftCLIP, "Params", EftCLIPParams)
+    assert defense_key(cfg, "/models/m") != before
