@@ -664,16 +664,22 @@ class SplitWriter:
 
     def write(self, key: str, image: bytes, text: str, label: int, meta: dict,
               image_ext: str = "png") -> None:
-        self._writer.write({"__key__": key, image_ext: image, "txt": text.encode("utf-8"),
-                            "cls": str(int(label)).encode("ascii"),
-                            "json": json.dumps(meta).encode("utf-8")})
+        """One sample; a negative ``label`` writes no ``cls`` member (an unlabelled pair)."""
+        sample = {"__key__": key, image_ext: image, "txt": text.encode("utf-8"),
+                  "json": json.dumps(meta).encode("utf-8")}
+        if int(label) >= 0:
+            sample["cls"] = str(int(label)).encode("ascii")
+        self._writer.write(sample)
         self.count += 1
-        self.labels[int(label)] += 1
+        self.labels[max(-1, int(label))] += 1
 
     def close(self) -> dict:
         self._writer.close()
-        return {"count": self.count, "shards": list(self._names),
-                "per_class": {str(k): v for k, v in sorted(self.labels.items())}}
+        info = {"count": self.count, "shards": list(self._names),
+                "per_class": {str(k): v for k, v in sorted(self.labels.items()) if k >= 0}}
+        if self.labels.get(-1):
+            info["unlabelled"] = self.labels[-1]
+        return info
 
     def __enter__(self):
         return self
