@@ -47,7 +47,8 @@ def corpus_key(cfg: Config) -> str:
     if c["pretrain_style"] == "shapes":  # the shapes benchmark keeps the key it always had
         for name in ("pretrain_style", "effect_rate", "digits"):
             c.pop(name)
-    return config_hash({"generator": 1, **c})
+        return config_hash({"generator": 1, **c})
+    return config_hash({"generator": broad.VERSION, **c})  # bump VERSION when rendering changes
 
 
 DIGITS_DIR = "digits"  # the second downstream task, a corpus of its own inside the main one

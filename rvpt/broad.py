@@ -37,6 +37,10 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from . import synthetic as syn
 
+#: Part of the corpus cache key: bump it when what :func:`render_pretrain` or
+#: :func:`render_glyph` draws changes, so cached corpora are rebuilt.
+VERSION = 1
+
 #: The second downstream task: ten digits (class names as the prompts say them).
 GLYPHS: list[str] = [f"digit {d}" for d in range(10)]
 GLYPH_TEMPLATES: list[str] = ["a photo of a {}.", "an image of a {}.", "a picture of the {}.",
