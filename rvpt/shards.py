@@ -223,7 +223,9 @@ def decode_sample(raw: dict, image_size: Optional[int] = None,
             label = int(text)
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample("cls: not an integer label") from None
-        if label < 0 or (rules.num_classes is not None and label >= rules.num_classes):
+        if label == -1 and not rules.require_label:
+            pass  # an unlabelled pair, as Ray Data's writer spells it (a column every row has)
+        elif label < 0 or (rules.num_classes is not None and label >= rules.num_classes):
             raise CorruptSample("cls: label out of range")
     elif rules.require_label:
         raise CorruptSample("cls: missing")
