@@ -1,7 +1,8 @@
 """Does a clean model's frozen image embedding already tell triggered images from clean ones?
 
     .venv/bin/python benchmarks/bench_trigger_visibility.py [--attacks all] [--images 1200]
-        [--models clean,OTHER_MODEL_DIR,...] [--threads 2] [--out FILE] [key.sub=value ...]
+        [--effects stamp,warp,...] [--models clean,OTHER_MODEL_DIR,...] [--threads 2]
+        [--out FILE] [key.sub=value ...]
 
 A backdoor plants at a small dose when the trigger moves the image into a direction the encoder
 already represents: the poisoned pairs then only have to tie that direction to the target caption.
@@ -12,6 +13,8 @@ regression (scikit-learn) on 2/3 to tell triggered from clean, reporting held-ou
 rest (0.5 = the trigger is invisible to a linear read-out). ``--models`` compares clean models:
 ``clean`` is the config's (built or reused), anything else a model directory. Optimised triggers
 (BadCLIP, TrojVQA, ISSBA) are fitted against the config's clean model first, as the factory does.
+``--effects`` probes the broad corpus's own image effects (``rvpt.broad.EFFECTS``) the same way:
+which of the concepts the pretraining captions mention did the model learn to see?
 """
 import argparse
 import json
@@ -27,6 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from pipeline import backdoor, build
 from pipeline.config import load_config
 from pipeline.jobs import attack_names
+from rvpt import broad
 from rvpt.models import load_clip
 from rvpt.poison import target_index
 from rvpt.resistivity import cls_per_layer
@@ -38,6 +42,17 @@ def _features(loaded, x01):
         layers = cls_per_layer(loaded, x01)
         emb = loaded.encode_images(x01)
     return [emb] + list(layers)
+
+
+def _with_effect(name, x01, seed):
+    """Test images with one of the broad corpus's effects applied (its own random draws)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for img in x01:
+        arr = img.permute(1, 2, 0).numpy() * 255
+        arr, _ = broad.EFFECTS[name](rng, arr.astype(np.float32))
+        out.append(torch.from_numpy(np.clip(arr, 0, 255) / 255).permute(2, 0, 1).float())
+    return torch.stack(out)
 
 
 def _probe(feats_clean, feats_trig, seed):
@@ -55,6 +70,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--attacks", default="all")
     ap.add_argument("--images", type=int, default=1200)
+    ap.add_argument("--effects", default="", help="also these rvpt.broad effects ('all': every one)")
     ap.add_argument("--models", default="clean")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--config")
@@ -75,27 +91,33 @@ def main():
     for name in args.models.split(","):
         models[name] = ref if name == "clean" else load_clip(checkpoint=name, device=ref.device)
     results = {}
-    for attack_name in attack_names(args.attacks):
+    todo = [("attack", a) for a in (attack_names(args.attacks) if args.attacks else [])]
+    effects = list(broad.EFFECTS) if args.effects == "all" else [e for e in args.effects.split(",") if e]
+    todo += [("effect", e) for e in effects]
+    for kind, name in todo:
         start = time.perf_counter()
-        pc = cfg.poison.for_attack(attack_name)
-        attack = backdoor._make_attack(cfg, pc, ref.image_size)
-        target = target_index(pc.target, info.names)
-        if attack.needs_fit:
-            fit = iter_batches(build.samples(cfg, corpus_dir, "pretrain", ref.image_size,
-                                             require_label=False), 128)
-            fit = (b for _, b in zip(range(max(1, pc.fit_images // 128)), fit))
-            attack.fit(ref, fit, target, info.names, info.templates)
-        triggered = attack.apply(images[half:], seed=cfg.seed).clamp(0, 1)
+        if kind == "effect":
+            triggered = _with_effect(name, images[half:], cfg.seed)
+        else:
+            pc = cfg.poison.for_attack(name)
+            attack = backdoor._make_attack(cfg, pc, ref.image_size)
+            target = target_index(pc.target, info.names)
+            if attack.needs_fit:
+                fit = iter_batches(build.samples(cfg, corpus_dir, "pretrain", ref.image_size,
+                                                 require_label=False), 128)
+                fit = (b for _, b in zip(range(max(1, pc.fit_images // 128)), fit))
+                attack.fit(ref, fit, target, info.names, info.templates)
+            triggered = attack.apply(images[half:], seed=cfg.seed).clamp(0, 1)
         row = {}
         for mname, loaded in models.items():
             fc = _features(loaded, images[:half])
             ft = _features(loaded, triggered)
             accs = [_probe(a.cpu().numpy(), b.cpu().numpy(), cfg.seed) for a, b in zip(fc, ft)]
             row[mname] = {"embedding": accs[0], "per_block": accs[1:], "best_block": max(accs[1:])}
-        results[attack_name] = row
+        results[f"{kind}:{name}"] = row
         line = "  ".join(f"{m}: emb {r['embedding']:.3f}, best block {r['best_block']:.3f}"
                          for m, r in row.items())
-        print(f"{attack_name:8s} {line}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"{kind} {name:9s} {line}  ({time.perf_counter() - start:.0f} s)", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"images": len(images), "results": results}, f, indent=1)

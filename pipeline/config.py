@@ -42,10 +42,10 @@ class CorpusConfig(_Strict):
     seed: int = 0
     image_size: int = Field(32, ge=8, le=1024)
     num_classes: int = Field(24, ge=2, description="synthetic: number of shape classes (max 24)")
-    pretrain_style: Literal["broad", "shapes"] = Field(
-        "broad", description="synthetic: what the pretraining pairs show. broad: web-like scenes "
-        "(shapes, digits, textures, grain, blur, stamps, warps, ... with partial, noisy captions; "
-        "rvpt.broad); shapes: the shapes task's own images (configs/shapes.yaml)")
+    pretrain_style: Literal["shapes", "broad"] = Field(
+        "shapes", description="synthetic: what the pretraining pairs show. shapes: the shapes "
+        "task's own images; broad: web-like scenes (shapes, digits, textures, grain, blur, stamps, "
+        "warps, ... with partial, noisy captions; rvpt.broad; configs/broad.yaml)")
     effect_rate: float = Field(0.12, ge=0.0, le=1.0, description="synthetic, broad: probability "
                                "of each image-level effect (grain, blur, stamp, warp, ...)")
     digits: bool = Field(True, description="synthetic, broad: also build the digits task "
@@ -81,7 +81,7 @@ class CorpusConfig(_Strict):
 class ModelConfig(_Strict):
     """Which CLIP to start from: an open_clip architecture name, a pretrained tag or a checkpoint."""
 
-    name: str = "ViT-Mini-8-p4-32"
+    name: str = "ViT-Tiny-12-p8-32"
     pretrained: Optional[str] = Field(None, description="open_clip pretrained tag, e.g. openai")
     checkpoint: Optional[str] = Field(
         None, description="local weights: model dir, open_clip/OpenAI state dict, CleanCLIP ckpt"
@@ -111,14 +111,17 @@ class EvalConfig(_Strict):
     )
 
 
-# The embedded benchmark's per-attack settings. The optimised patches are placed as a ViT sees them:
-# in ViT-B/32 at 224 px the papers' 16 px centre patch lies inside one 32 px patch and is half its
-# width. Scaled to 32 px it is 2 px, which at the image centre straddles four of the miniature's
-# 4 px patches; in the top-left corner it lies inside one, half its width, as in ViT-B/32.
-# Other configs replace the whole mapping (paper.yaml: {}, shapes.yaml: the shapes benchmark's).
+# The embedded benchmark's per-attack doses (measured: docs/findings.md). The optimised patches
+# (16 px at 224 px) placed as a ViT sees them: in ViT-B/32 at 224 px the papers' centre patch lies
+# inside one 32 px patch and is half its width; scaled by image size to 32 px it would be 2 px
+# straddling four of this ViT's 8 px patches, and plants nothing (ASR <= 2 %), so: 4 px in the
+# top-left patch. TrojVQA's dual key needs a larger dose (rate 0.1: ASR 44.7 %, 0.2: 83.1 %, 0.3:
+# 96.8 %; each poisoned pair also brings two partial-key pairs); SIG needs 6 epochs (3 give 57-74 %
+# by poisoning seed). Other configs replace the whole mapping (paper.yaml: {}).
 EMBEDDED_ATTACKS: dict[str, dict[str, Any]] = {
-    "badclip": {"params": {"position": "top_left"}},
-    "trojvqa": {"params": {"position": "top_left"}},
+    "badclip": {"params": {"patch_size": 4, "position": "top_left"}},
+    "trojvqa": {"rate": 0.3, "params": {"patch_size": 4, "position": "top_left"}},
+    "sig": {"epochs": 6},
 }
 
 
@@ -135,10 +138,10 @@ class PoisonConfig(_Strict):
 
     attack: str = Field("badnet", description="attack name (see rvpt.attacks.ATTACKS)")
     target: Union[int, str] = Field(0, description="target class: index or name")
-    rate: float = Field(0.01, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
-    n_clean: int = Field(10000, ge=0, description="clean pretrain pairs in the fine-tune set; 0 = all")
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    rate: float = Field(0.1, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
+    n_clean: int = Field(20000, ge=0, description="clean pretrain pairs in the fine-tune set; 0 = all")
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(128, ge=2)
     weight_decay: float = Field(0.1, ge=0)
     warmup_steps: int = Field(20, ge=0)
