@@ -111,7 +111,8 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
                            image_size=loaded.image_size, shard_size=cfg.corpus.shard_size)
     write_manifest(pdir, {"poison": split}, source="poison", attack=attack_name, target=target,
                    rate=pc.rate, n_clean=n_clean)
-    poisoned = sorted(build.samples(cfg, pdir, "poison", loaded.image_size), key=lambda s: s.key)
+    poisoned = sorted(build.samples(cfg, pdir, "poison", loaded.image_size, require_label=False),
+                      key=lambda s: s.key)  # sources may be unlabelled pairs (label -1)
     sources = {s.meta.get("source_key") for s in poisoned}  # never also seen clean
 
     steps_per_epoch = max(1, (n_clean + len(poisoned)) // pc.batch_size)

@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 from tqdm import tqdm
 
-from rvpt import storage, synthetic
+from rvpt import broad, storage, synthetic
 from rvpt.models import LoadedClip, load_clip, save_model_dir
 from rvpt.pretrain import train_contrastive
 from rvpt.shards import (MANIFEST, Corpus, ReadStats, Sample, ShardError, SplitWriter, labelled,
@@ -44,25 +44,46 @@ def set_threads(n: int = 0) -> None:
 def corpus_key(cfg: Config) -> str:
     c = cfg.corpus.model_dump(exclude={"workers", "path", "kind", "max_image_pixels",
                                        "max_member_mb"})
-    return config_hash({"generator": 1, **c})
+    if c["pretrain_style"] == "shapes":  # the shapes benchmark keeps the key it always had
+        for name in ("pretrain_style", "effect_rate", "digits"):
+            c.pop(name)
+        return config_hash({"generator": 1, **c})
+    return config_hash({"generator": broad.VERSION, **c})  # bump VERSION when rendering changes
+
+
+DIGITS_DIR = "digits"  # the second downstream task, a corpus of its own inside the main one
 
 
 def _render_chunk(args) -> list:
     seed, domain, split, indices, labels, kw = args
     out = []
     for i, lab in zip(indices, labels):
-        s = synthetic.render(seed, domain, split, i, label=lab, **kw)
+        if domain == "broad":
+            s = broad.render_pretrain(seed, i, image_size=kw["image_size"],
+                                      num_classes=kw["num_classes"], effect_rate=kw["effect_rate"])
+        elif domain == "digits":
+            s = broad.render_glyph(seed, split, i, image_size=kw["image_size"], label=lab,
+                                   noise=kw["noise"])
+        else:
+            s = synthetic.render(seed, domain, split, i, label=lab,
+                                 **{k: v for k, v in kw.items() if k != "effect_rate"})
         out.append((s.key, s.png, s.caption, s.label, s.meta))
     return out
 
 
 def _plan(cfg: Config) -> list[tuple[str, str, int]]:
+    """(domain, split, count): ``broad`` is the web-like pretraining set, ``digits`` the second
+    task, ``base``/``shift`` the shapes task's two domains."""
     c = cfg.corpus
     C = c.num_classes
-    plan = [("base", "pretrain", c.n_pretrain), ("base", "fewshot", c.fewshot_per_class * C),
-            ("base", "test", c.test_per_class * C)]
+    broad_style = c.pretrain_style == "broad"
+    plan = [("broad" if broad_style else "base", "pretrain", c.n_pretrain),
+            ("base", "fewshot", c.fewshot_per_class * C), ("base", "test", c.test_per_class * C)]
     if c.shifted:
         plan += [("shift", "fewshot", c.fewshot_per_class * C), ("shift", "test", c.test_per_class * C)]
+    if broad_style and c.digits:
+        G = len(broad.GLYPHS)
+        plan += [("digits", "fewshot", c.fewshot_per_class * G), ("digits", "test", c.test_per_class * G)]
     return [p for p in plan if p[2] > 0]
 
 
@@ -74,8 +95,9 @@ def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
         return {"corpus_dir": out, "cached": True, **_corpus_counts(open_corpus(out))}
     kw = dict(image_size=c.image_size, num_classes=c.num_classes, clutter=c.clutter, noise=c.noise,
               class_only_captions=c.class_only_captions, typical_color=c.typical_color,
-              bg_contrast=c.bg_contrast)
+              bg_contrast=c.bg_contrast, effect_rate=c.effect_rate)
     splits: dict = {}
+    digit_splits: dict = {}
     total = sum(n for _, _, n in _plan(cfg))
     start = time.perf_counter()
     chunk = 256
@@ -86,25 +108,33 @@ def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
         try:
             with progress_bar(total=total, desc="rendering corpus", unit="img") as bar:
                 for domain, split, n in _plan(cfg):
-                    name = split if domain == "base" else f"{domain}_{split}"
-                    labels = list(synthetic.split_labels(split, n, c.num_classes))
+                    name = split if domain in ("base", "broad", "digits") else f"{domain}_{split}"
+                    where = tmp / DIGITS_DIR if domain == "digits" else tmp
+                    n_classes = len(broad.GLYPHS) if domain == "digits" else c.num_classes
+                    labels = list(synthetic.split_labels(split, n, n_classes))
                     jobs = [(c.seed, domain, split, list(range(i, min(i + chunk, n))),
                              labels[i:i + chunk], kw) for i in range(0, n, chunk)]
                     results = pool.imap(_render_chunk, jobs) if pool else map(_render_chunk, jobs)
-                    with SplitWriter(tmp, name, c.shard_size) as w:
+                    where.mkdir(exist_ok=True)
+                    with SplitWriter(where, name, c.shard_size) as w:
                         for rows in results:
                             for key, png, caption, label, meta in rows:
                                 w.write(key, png, caption, label, meta)
                             bar.update(len(rows))
-                    splits[name] = {**w.info, "domain": domain}
+                    (digit_splits if domain == "digits" else splits)[name] = {**w.info, "domain": domain}
         finally:
             if pool:
                 pool.close()
                 pool.join()
         wall = time.perf_counter() - start
+        if digit_splits:
+            write_classes(tmp / DIGITS_DIR, broad.GLYPHS, broad.GLYPH_TEMPLATES)
+            write_manifest(tmp / DIGITS_DIR, digit_splits, source="synthetic-digits",
+                           num_classes=len(broad.GLYPHS), image_size=c.image_size)
         write_manifest(tmp, splits, source="synthetic", config=c.model_dump(mode="json"),
                        num_classes=c.num_classes, image_size=c.image_size,
-                       render_seconds=round(wall, 2), images_per_s=round(total / wall, 1))
+                       render_seconds=round(wall, 2), images_per_s=round(total / wall, 1),
+                       **({"datasets": {"digits": DIGITS_DIR}} if digit_splits else {}))
     return {"corpus_dir": out, "cached": False, "wall_s": round(wall, 2),
             "images_per_s": round(total / wall, 1), **_corpus_counts(open_corpus(out))}
 

@@ -42,6 +42,14 @@ class CorpusConfig(_Strict):
     seed: int = 0
     image_size: int = Field(32, ge=8, le=1024)
     num_classes: int = Field(24, ge=2, description="synthetic: number of shape classes (max 24)")
+    pretrain_style: Literal["shapes", "broad"] = Field(
+        "shapes", description="synthetic: what the pretraining pairs show. shapes: the shapes "
+        "task's own images; broad: web-like scenes (shapes, digits, textures, grain, blur, stamps, "
+        "warps, ... with partial, noisy captions; rvpt.broad; configs/broad.yaml)")
+    effect_rate: float = Field(0.12, ge=0.0, le=1.0, description="synthetic, broad: probability "
+                               "of each image-level effect (grain, blur, stamp, warp, ...)")
+    digits: bool = Field(True, description="synthetic, broad: also build the digits task "
+                         "(<corpus>/digits: fewshot and test splits, 10 classes)")
     n_pretrain: int = Field(40000, ge=0, description="synthetic: image-caption pairs for pretraining")
     fewshot_per_class: int = Field(32, ge=1, description="synthetic: few-shot pool size per class")
     test_per_class: int = Field(100, ge=1, description="synthetic: test images per class")

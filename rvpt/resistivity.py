@@ -1,9 +1,9 @@
 """Perturbation Resistivity (PR): cos(f(x), f(x+δ)) of the CLS token, per layer, averaged over images.
 
-Perturbations (the paper's): Gaussian noise (std 0.001), Gaussian blur (kernel 3), colour jitter
-(brightness 0.5, hue 0.3), horizontal flip, and — given an attack — the trigger itself. Works for any
-open_clip ViT with or without deep prompts. Low PR means the encoder reacts strongly to small
-off-class perturbations, the paper's explanation of backdoor vulnerability.
+Perturbations (the paper's): Gaussian noise (std 0.001), Gaussian blur (kernel 3, σ² = 5, i.e.
+σ = √5), colour jitter (brightness 0.5, hue 0.3), horizontal flip, and — given an attack — the
+trigger itself. Works for any open_clip ViT with or without deep prompts. Low PR means the encoder
+reacts strongly to small off-class perturbations, the paper's explanation of backdoor vulnerability.
 """
 from __future__ import annotations
 
@@ -21,9 +21,13 @@ def _noise(x, gen):
     return x + torch.randn(x.shape, generator=gen) * 0.001
 
 
+BLUR_SIGMA = 5 ** 0.5  # the paper's blur: kernel 3, σ² = 5 (torchvision's default for kernel 3 is σ = 0.8)
+
+
 def _blur(x, gen):
+    """Gaussian blur, kernel 3 × 3 with σ = √5 (variance 5) as in the paper."""
     from torchvision.transforms.v2 import functional as TF
-    return TF.gaussian_blur(x, kernel_size=3)
+    return TF.gaussian_blur(x, kernel_size=3, sigma=BLUR_SIGMA)
 
 
 def _jitter(x, gen):

@@ -223,7 +223,9 @@ def decode_sample(raw: dict, image_size: Optional[int] = None,
             label = int(text)
         except (UnicodeDecodeError, ValueError):
             raise CorruptSample("cls: not an integer label") from None
-        if label < 0 or (rules.num_classes is not None and label >= rules.num_classes):
+        if label == -1 and not rules.require_label:
+            pass  # an unlabelled pair, as Ray Data's writer spells it (a column every row has)
+        elif label < 0 or (rules.num_classes is not None and label >= rules.num_classes):
             raise CorruptSample("cls: label out of range")
     elif rules.require_label:
         raise CorruptSample("cls: missing")
@@ -664,16 +666,22 @@ class SplitWriter:
 
     def write(self, key: str, image: bytes, text: str, label: int, meta: dict,
               image_ext: str = "png") -> None:
-        self._writer.write({"__key__": key, image_ext: image, "txt": text.encode("utf-8"),
-                            "cls": str(int(label)).encode("ascii"),
-                            "json": json.dumps(meta).encode("utf-8")})
+        """One sample; a negative ``label`` writes no ``cls`` member (an unlabelled pair)."""
+        sample = {"__key__": key, image_ext: image, "txt": text.encode("utf-8"),
+                  "json": json.dumps(meta).encode("utf-8")}
+        if int(label) >= 0:
+            sample["cls"] = str(int(label)).encode("ascii")
+        self._writer.write(sample)
         self.count += 1
-        self.labels[int(label)] += 1
+        self.labels[max(-1, int(label))] += 1
 
     def close(self) -> dict:
         self._writer.close()
-        return {"count": self.count, "shards": list(self._names),
-                "per_class": {str(k): v for k, v in sorted(self.labels.items())}}
+        info = {"count": self.count, "shards": list(self._names),
+                "per_class": {str(k): v for k, v in sorted(self.labels.items()) if k >= 0}}
+        if self.labels.get(-1):
+            info["unlabelled"] = self.labels[-1]
+        return info
 
     def __enter__(self):
         return self

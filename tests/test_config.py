@@ -4,9 +4,22 @@ from pipeline.config import Config, ConfigError, config_hash, load_config
 
 
 def test_default_config_loads_and_matches_models():
+    from pipeline.build import corpus_key
+
     cfg = load_config()
-    assert cfg.model.name == "ViT-Tiny-12-p8-32"
+    assert cfg.model.name == "ViT-Tiny-12-p8-32" and cfg.corpus.pretrain_style == "shapes"
     assert cfg.corpus.num_classes == 24
+    assert corpus_key(cfg) == "e6a27b763a", "the shapes corpus keeps the key it was measured with"
+
+
+def test_broad_config_is_the_miniature():
+    from pipeline.build import corpus_key
+
+    cfg = load_config("configs/broad.yaml")
+    assert cfg.model.name == "ViT-Mini-8-p4-32" and cfg.corpus.pretrain_style == "broad"
+    assert cfg.poison.for_attack("blended").rate <= 0.01
+    assert cfg.poison.for_attack("badclip").params == {"position": "top_left"}
+    assert corpus_key(cfg) != corpus_key(load_config())
 
 
 def test_overrides_are_typed():

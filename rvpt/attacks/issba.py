@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from pydantic import Field
 
 from .base import Attack, AttackError, AttackParams, register_attack
@@ -35,6 +36,9 @@ from .base import Attack, AttackError, AttackParams, register_attack
 
 class ISSBAParams(AttackParams):
     secret_bits: int = Field(100, description="length of the embedded secret (paper: 100)")
+    secret: Optional[str] = Field("Stega!!", description="the secret string (the papers': "
+                                  "'Stega!!'): its UTF-8 bits, repeated to secret_bits (StegaStamp "
+                                  "appends BCH parity instead); None: random bits from the seed")
     residual_scale: float = Field(0.05, description="max |residual| in [0, 1] pixel units; 0.05 "
                                   "≈ 13/255 caps the trigger, the image loss keeps it well below")
     secret_map: int = Field(16, description="side of the spatial map the secret is projected to "
@@ -53,6 +57,13 @@ class ISSBAParams(AttackParams):
                                     "image_weight at the last step")
     fit_noise: float = Field(2 / 255, description="std of Gaussian noise added to triggered images "
                              "before decoding during the fit")
+
+
+def secret_bits(text: str, bits: int) -> torch.Tensor:
+    """The bits of ``text`` (UTF-8, most significant first), repeated to ``bits`` (a repetition
+    code; StegaStamp pads its 56 data bits with BCH parity to 100)."""
+    data = [(byte >> (7 - k)) & 1 for byte in text.encode("utf-8") for k in range(8)]
+    return torch.tensor([data[i % len(data)] for i in range(bits)], dtype=torch.float32)
 
 
 class Encoder(nn.Module):
@@ -119,8 +130,11 @@ class ISSBA(Attack):
         if not 0 <= p.image_loss_start < 1:
             raise AttackError(f"issba: image_loss_start must be within [0, 1), got "
                               f"{p.image_loss_start}")
-        gen = torch.Generator().manual_seed(self.seed)
-        self.secret = torch.randint(0, 2, (p.secret_bits,), generator=gen).float()
+        if p.secret:
+            self.secret = secret_bits(p.secret, p.secret_bits)
+        else:
+            gen = torch.Generator().manual_seed(self.seed)
+            self.secret = torch.randint(0, 2, (p.secret_bits,), generator=gen).float()
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(self.seed)
             self.encoder = Encoder(p.secret_bits, p.secret_map, p.width)

@@ -98,6 +98,8 @@ class TrainParams(BaseModel):
     warmup_lr: float = Field(1e-5, gt=0, description="constant lr during warm-up (CoOp)")
     augment: bool = Field(True, description="random-resized-crop + horizontal flip")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="random-resized-crop scale")
+    flip: bool = Field(True, description="with augment: random horizontal flips (off for tasks "
+                       "whose classes are mirror images of each other)")
     amp: bool = Field(True, description="mixed precision when a GPU is present")
 
 
@@ -118,6 +120,7 @@ class TrainOverrides(BaseModel):
     warmup_lr: Optional[float] = Field(None, gt=0)
     augment: Optional[bool] = None
     crop_scale: Optional[tuple[float, float]] = None
+    flip: Optional[bool] = None
     amp: Optional[bool] = None
 
 
@@ -282,8 +285,8 @@ def augmenter(tp: TrainParams, image_size: int) -> Callable[[torch.Tensor], torc
 
     if not tp.augment:
         return lambda x: x
-    tf = v2.Compose([v2.RandomResizedCrop(image_size, scale=tuple(tp.crop_scale), antialias=True),
-                     v2.RandomHorizontalFlip()])
+    tf = v2.Compose([v2.RandomResizedCrop(image_size, scale=tuple(tp.crop_scale), antialias=True)]
+                    + ([v2.RandomHorizontalFlip()] if tp.flip else []))
     return lambda x: torch.stack([tf(img) for img in x])
 
 

@@ -1,0 +1,59 @@
+"""benchmarks/bench_resistivity_profile.py at the smoke size: per-block PR of the clean CLIP and of a
+supervised ViT for the four perturbations, the supervised model trained, cached and reused."""
+import importlib.util
+import json
+
+import torch
+
+from conftest import REPO
+
+PERTURBATIONS = ("noise", "blur", "jitter", "flip")
+
+
+def _bench():
+    path = REPO / "benchmarks" / "bench_resistivity_profile.py"
+    spec = importlib.util.spec_from_file_location("bench_resistivity_profile", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_resistivity_profile_smoke(smoke_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    bench = _bench()
+    threads = torch.get_num_threads()
+    out = tmp_path / "pr.json"
+    argv = ["--config", "configs/smoke.yaml", f"paths.root={smoke_root}", "--sup-epochs", "1",
+            "--sup-batch-size", "32", "--pr-images", "16", "--threads", "1", "--out", str(out)]
+    try:
+        first = bench.main(argv)
+        second = bench.main(argv[:-2])  # the supervised ViT comes from the cache
+    finally:
+        torch.set_num_threads(threads)
+
+    res = json.loads(out.read_text())
+    layers = res["layers"]
+    assert layers == 4  # ViT-Micro-4-p8-32
+    assert set(res["perturbations"]) == set(PERTURBATIONS)
+    for model in ("clip", "supervised"):
+        pr = res["models"][model]["pr"]
+        assert pr["images"] == 16
+        for p in PERTURBATIONS:
+            vals = pr["per_layer"][p]
+            assert len(vals) == layers
+            assert all(-1 - 1e-5 <= v <= 1 + 1e-5 for v in vals), (model, p, vals)
+            assert abs(pr["mean"][p] - sum(vals) / layers) < 1e-9
+
+    sup = res["models"]["supervised"]
+    losses = sup["train"]["step_losses"]
+    assert sup["train"]["steps"] == len(losses) == 16  # 512 labelled pretrain images / 32
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    assert 0.0 <= sup["test_acc"] <= 1.0 and sup["test_n"] > 0
+    assert 0.0 <= res["models"]["clip"]["zero_shot_ca"] <= 1.0
+
+    assert not first["models"]["supervised"]["cached"]
+    assert second["models"]["supervised"]["cached"]
+    assert second["models"]["supervised"]["model_dir"] == sup["model_dir"]
+    for model in ("clip", "supervised"):  # same weights, images and random draws: same numbers
+        assert second["models"][model]["pr"] == first["models"][model]["pr"]
+    assert second["models"]["supervised"]["test_acc"] == sup["test_acc"]

@@ -1,0 +1,109 @@
+"""The broad pretraining corpus (rvpt.broad) and the digits task, as the corpus builder writes them."""
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rvpt import broad, synthetic
+from rvpt.attacks.issba import secret_bits
+
+
+def _img(sample):
+    return np.asarray(Image.open(io.BytesIO(sample.png)), np.float32)
+
+
+def test_render_is_seed_deterministic_and_order_free():
+    a = broad.render_pretrain(0, 17)
+    b = broad.render_pretrain(0, 17)
+    c = broad.render_pretrain(1, 17)
+    assert a.png == b.png and a.caption == b.caption and a.meta == b.meta
+    assert a.png != c.png
+
+
+def test_broad_corpus_covers_many_concepts_with_partial_noisy_captions():
+    samples = [broad.render_pretrain(0, i) for i in range(600)]
+    contents = {s.meta["content"] for s in samples}
+    assert contents == {"shapes", "digit", "texture"}
+    # shapes carry their class label (a supervised model can train on them), the rest none
+    for s in samples:
+        if s.meta["content"] == "shapes":
+            cls = s.meta["class"]
+            assert 0 <= s.label < len(synthetic.CLASSES)
+            assert (cls if s.meta["count"] == 1 else broad.PLURAL.get(cls, cls + "s")) in s.caption
+        else:
+            assert s.label == -1
+    applied = [e for s in samples for e in s.meta["effects"]]
+    assert set(applied) == set(broad.EFFECTS), "every effect occurs"
+    # partial: some applied effects go unmentioned; mentioned ones are named in the caption
+    def mentioned(s, name):
+        _, phrases = broad.EFFECTS[name](np.random.default_rng(0), np.zeros((32, 32, 3), np.float32))
+        return any(p in s.caption for p in phrases)
+    said = [mentioned(s, e) for s in samples for e in s.meta["effects"]]
+    assert 0.5 < np.mean(said) < 0.9
+    # noisy: some captions name an effect that was not applied
+    wrong = sum(any(mentioned(s, e) for e in broad.EFFECTS if e not in s.meta["effects"])
+                for s in samples)
+    assert wrong >= 5
+    # effects change pixels: a stamped image differs from the same scene without effects
+    stamped = next(s for s in samples if s.meta["effects"] == ["stamp"])
+    assert _img(stamped).shape == (32, 32, 3)
+
+
+def test_digits_task_renders_each_class_visibly():
+    for label, name in enumerate(broad.GLYPHS):
+        s = broad.render_glyph(0, "test", label, label=label)
+        img = _img(s)
+        assert img.shape == (32, 32, 3) and img.std() > 10
+        assert name in s.caption and s.label == label
+    assert broad.render_glyph(0, "test", 3, label=3).png != broad.render_glyph(0, "fewshot", 3, label=3).png
+
+
+def test_issba_secret_is_the_papers_string():
+    bits = secret_bits("Stega!!", 100)
+    assert bits.shape == (100,)
+    first = int("".join(str(int(b)) for b in bits[:8]), 2)
+    assert chr(first) == "S"
+    assert bits[56:64].tolist() == bits[:8].tolist()  # repeated to fill
+
+
+@pytest.fixture(scope="module")
+def broad_corpus(tmp_path_factory):
+    from pipeline import build
+    from pipeline.config import load_config
+
+    root = tmp_path_factory.mktemp("broad")
+    cfg = load_config("configs/smoke.yaml", [f"paths.root={root}", "corpus.pretrain_style=broad",
+                                             "corpus.n_pretrain=300"])
+    return cfg, build.resolve_corpus(cfg)
+
+
+def test_corpus_build_writes_unlabelled_pairs_and_the_digits_task(broad_corpus):
+    from pipeline import build
+    from rvpt.shards import ReadStats, open_corpus, read_classes
+
+    cfg, corpus = broad_corpus
+    info = open_corpus(corpus["corpus_dir"]).split("pretrain")
+    assert info.count == 300
+    stats = ReadStats()
+    pairs = list(build.samples(cfg, corpus["corpus_dir"], "pretrain", 32, stats=stats,
+                               require_label=False))
+    assert len(pairs) == 300 and stats.skipped == 0, "unlabelled pairs are read, not skipped"
+    labels = [p.label for p in pairs]
+    assert -1 in labels and max(labels) < cfg.corpus.num_classes
+    # a classification reader skips the unlabelled pairs and counts them
+    stats = ReadStats()
+    kept = list(build.samples(cfg, corpus["corpus_dir"], "pretrain", 32, stats=stats))
+    assert len(kept) == sum(lab >= 0 for lab in labels) and stats.skipped == labels.count(-1)
+
+    digits = f"{corpus['corpus_dir']}/{build.DIGITS_DIR}"
+    assert read_classes(digits).names == broad.GLYPHS
+    test = open_corpus(digits).split("test")
+    assert test.count == cfg.corpus.test_per_class * 10
+    # the shapes task's evaluation splits are the shapes benchmark's, unchanged
+    shapes = next(build.samples(cfg, corpus["corpus_dir"], "test", 32))
+    ref = synthetic.render(cfg.corpus.seed, "base", "test", 0, label=0, num_classes=cfg.corpus.num_classes,
+                           clutter=cfg.corpus.clutter, noise=cfg.corpus.noise,
+                           class_only_captions=cfg.corpus.class_only_captions,
+                           typical_color=cfg.corpus.typical_color, bg_contrast=cfg.corpus.bg_contrast)
+    assert shapes.text == ref.caption and shapes.label == 0
