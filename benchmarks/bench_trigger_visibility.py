@@ -103,8 +103,8 @@ def main():
             attack = backdoor._make_attack(cfg, pc, ref.image_size)
             target = target_index(pc.target, info.names)
             if attack.needs_fit:
-                fit = iter_batches(build.samples(cfg, corpus_dir, "pretrain", ref.image_size,
-                                                 require_label=False), 128)
+                fit = iter_batches((s for s in build.samples(cfg, corpus_dir, "pretrain", ref.image_size,
+                                                             require_label=False) if s.label >= 0), 128)
                 fit = (b for _, b in zip(range(max(1, pc.fit_images // 128)), fit))
                 attack.fit(ref, fit, target, info.names, info.templates)
             triggered = attack.apply(images[half:], seed=cfg.seed).clamp(0, 1)

@@ -89,7 +89,9 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
 
     fit_stats: dict = {}
     if attack.needs_fit:
-        fit_batches = iter_batches(limited(pairs(), pc.fit_images), 128)
+        # labelled images only: a broad corpus's texture and digit pairs carry no class (-1)
+        fit_batches = iter_batches(limited((s for s in pairs() if s.label >= 0), pc.fit_images),
+                                   128)
         print(f"fitting the {attack_name} trigger on {pc.fit_images} clean images ...", flush=True)
         fit_stats = attack.fit(loaded, fit_batches, target, info.names, info.templates)
 

@@ -107,3 +107,28 @@ def test_corpus_build_writes_unlabelled_pairs_and_the_digits_task(broad_corpus):
                            class_only_captions=cfg.corpus.class_only_captions,
                            typical_color=cfg.corpus.typical_color, bg_contrast=cfg.corpus.bg_contrast)
     assert shapes.text == ref.caption and shapes.label == 0
+
+
+def test_backdoor_factory_poisons_a_broad_corpus(broad_corpus, ray_local):
+    """Unlabelled pretraining pairs (textures, digits) go through the whole factory: an optimised
+    trigger fits on the labelled ones, poisoned pairs made from unlabelled sources are read back
+    (none lost), and the model is fine-tuned and evaluated."""
+    from pipeline import backdoor, build
+
+    cfg, corpus = broad_corpus
+    cfg = cfg.model_copy(deep=True)
+    cfg.poison.rate = 0.1
+    cfg.poison.n_clean = 200
+    cfg.poison.epochs = 1
+    cfg.poison.attacks = {"badclip": {"params": {"fit_steps": 3, "fit_images": 64}}}
+    clean = build.clean_model(cfg, corpus)
+    res = backdoor.build_backdoored(cfg, "badclip", corpus, clean)
+    from rvpt.shards import ReadStats
+
+    stats = ReadStats()
+    poisoned = list(build.samples(cfg, res["poisoned_shards"], "poison", 32, stats=stats,
+                                  require_label=False))
+    assert res["n_poison"] == len(poisoned) == 22 and stats.skipped == 0
+    assert any(p.label == -1 for p in poisoned), "some were made from unlabelled pairs"
+    assert all(p.label != 0 for p in poisoned), "never from target-class images"
+    assert res["fit"] and res["read"]["skipped"] == 0
