@@ -206,7 +206,9 @@ SUMMARY = "summary.json"  # a model directory's completion marker (published las
 def model_key(cfg: Config, corpus_dir: str) -> str:
     return config_hash({"corpus": storage.name_of(corpus_dir),
                         "model": cfg.model.model_dump(exclude={"trust_torchscript"}),
-                        "pretrain": cfg.pretrain.model_dump(exclude={"threads"}), "seed": cfg.seed})
+                        "pretrain": cfg.pretrain.model_dump(  # new options keep old keys when off
+                            exclude={"threads"} | ({"twins"} if not cfg.pretrain.twins else set())),
+                        "seed": cfg.seed})
 
 
 def clean_model_line(cfg: Config, model: dict) -> str:
@@ -241,8 +243,10 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
     def epoch_batches(epoch: int):
         pairs = samples(cfg, corpus_dir, "pretrain", loaded.image_size, stats=stats,
                         require_label=False, shuffle_shards=True, seed=cfg.seed * 1000 + epoch)
-        return iter_batches(pairs, p.batch_size, shuffle_buffer=p.shuffle_buffer,
-                            seed=cfg.seed * 1000 + epoch, drop_last=True)
+        batches = iter_batches(pairs, p.batch_size, shuffle_buffer=p.shuffle_buffer,
+                               seed=cfg.seed * 1000 + epoch, drop_last=True)
+        return broad.with_twins(batches, p.twins, seed=cfg.seed * 1000 + epoch) if p.twins \
+            else batches
 
     bar = progress_bar(total=p.epochs * steps_per_epoch, desc="pretraining clean CLIP", unit="step")
 

@@ -12,7 +12,7 @@ from typing import Optional
 from rvpt import storage
 from rvpt.defenses import DefenseError, make_defense, train_defense
 from rvpt.fewshot import epoch_batches, sample_few_shot
-from rvpt.resistivity import perturbation_resistivity
+from rvpt.resistivity import VERSION as PR_VERSION, perturbation_resistivity
 from rvpt.shards import ReadStats, iter_batches, read_classes
 
 from . import backdoor, build
@@ -105,7 +105,8 @@ def defense_key(cfg: Config, model: str) -> str:
     except Exception:  # an unknown defense or bad parameters: defend() reports it
         resolved = None
     return config_hash({"defend": 1, "model": storage.display(model), "defense": d,
-                        "resolved": resolved, "seed": cfg.seed, "corpus": cfg.corpus})
+                        "resolved": resolved, "seed": cfg.seed, "corpus": cfg.corpus,
+                        "pr": PR_VERSION})
 
 
 def defend(cfg: Config, model: str, corpus_dir: str, attack_file: Optional[str] = None,

@@ -220,6 +220,41 @@ _ORDER = ["light", "tint", "fade", "blur", "warp", "bands", "pattern", "grain", 
           "specks", "border", "stamp", "watermark", "jpeg"]
 
 
+#: The local marks of hard-negative twins (``pretrain.twins``): the effects a small contrastive
+#: batch gives a from-scratch ViT no reason to encode (measured, findings §9).
+TWIN_EFFECTS = ("stamp", "warp", "pattern", "watermark")
+
+
+def twin(rng: np.random.Generator, image: np.ndarray, caption: str) -> tuple[np.ndarray, str]:
+    """A hard negative for contrastive pretraining: ``image`` (uint8 H×W×3) with one small local
+    mark added and ``caption`` saying so. Beside its original in the same batch, the pair can only
+    be told apart by the mark, as CLIP's batches of 32,768 web pairs hold near-duplicates that
+    differ in a detail (NegCLIP builds its hard negatives the same way, on the text side)."""
+    name = TWIN_EFFECTS[rng.integers(len(TWIN_EFFECTS))]
+    arr, phrases = EFFECTS[name](rng, image.astype(np.float32))
+    phrase = phrases[rng.integers(len(phrases))]
+    return np.clip(arr, 0, 255).round().astype(np.uint8), f"{caption.rstrip('. ')}, {phrase}."
+
+
+def with_twins(batches, share: float, seed: int = 0):
+    """Replace the last ``share`` of every batch (dicts of ``image`` uint8 [B,3,H,W] and ``text``)
+    by :func:`twin` s of its first items, so that each twin meets its original in the batch. The
+    batch size, and so the cost of a step, stays the same."""
+    import torch
+
+    rng = np.random.default_rng([seed, 11])
+    for batch in batches:
+        n = len(batch["text"])
+        k = min(n // 2, round(share * n))
+        if k:
+            images, texts = batch["image"].clone(), list(batch["text"])
+            for i in range(k):
+                arr, texts[n - k + i] = twin(rng, images[i].permute(1, 2, 0).numpy(), texts[i])
+                images[n - k + i] = torch.from_numpy(arr).permute(2, 0, 1)
+            batch = {"image": images, "text": texts}
+        yield batch
+
+
 # ---------------------------------------------------------------- content
 
 def _draw_shapes(rng, canvas: Image.Image, cls: str, count: int, rgb, style: str, big: int):

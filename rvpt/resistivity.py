@@ -43,6 +43,9 @@ def _flip(x, gen):
     return x.flip(-1)
 
 
+# Bump when a perturbation's definition changes: cached results that carry PR are keyed on it.
+VERSION = 2  # 2: blur at σ² = 5 (1: torchvision's default σ 0.8)
+
 PERTURBATIONS: dict[str, Perturb] = {"noise": _noise, "blur": _blur, "jitter": _jitter,
                                      "flip": _flip}
 

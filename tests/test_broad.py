@@ -62,6 +62,30 @@ def test_digits_task_renders_each_class_visibly():
     assert broad.render_glyph(0, "test", 3, label=3).png != broad.render_glyph(0, "fewshot", 3, label=3).png
 
 
+def test_twins_meet_their_originals_with_one_local_mark_named():
+    import torch
+
+    samples = [broad.render_pretrain(0, i) for i in range(8)]
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(s.png)).convert("RGB"))
+                                           ).permute(2, 0, 1) for s in samples])
+    batch = {"image": images, "text": [s.caption for s in samples]}
+    out = list(broad.with_twins(iter([batch]), 0.25, seed=3))
+    assert len(out) == 1
+    b = out[0]
+    assert b["image"].shape == images.shape and b["image"].dtype == torch.uint8
+    assert len(b["text"]) == 8 and b["text"][:6] == batch["text"][:6]  # originals kept
+    assert torch.equal(b["image"][:6], images[:6]) and torch.equal(batch["image"], images)
+    for i in range(2):  # the last two are twins of the first two: same scene, mark added and named
+        orig, tw = images[i].float(), b["image"][6 + i].float()
+        assert not torch.equal(orig, tw)
+        assert (tw - orig).abs().mean() < 40, "a mark, not another image"
+        assert b["text"][6 + i].startswith(batch["text"][i].rstrip(". ") + ", ")
+        assert len(b["text"][6 + i]) > len(batch["text"][i])
+    again = list(broad.with_twins(iter([batch]), 0.25, seed=3))[0]
+    assert torch.equal(again["image"], b["image"]) and again["text"] == b["text"]
+    assert list(broad.with_twins(iter([batch]), 0.0))[0]["text"] == batch["text"]
+
+
 def test_issba_secret_is_the_papers_string():
     bits = secret_bits("Stega!!", 100)
     assert bits.shape == (100,)

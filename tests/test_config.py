@@ -10,6 +10,11 @@ def test_default_config_loads_and_matches_models():
     assert cfg.model.name == "ViT-Tiny-12-p8-32" and cfg.corpus.pretrain_style == "shapes"
     assert cfg.corpus.num_classes == 24
     assert corpus_key(cfg) == "e6a27b763a", "the shapes corpus keeps the key it was measured with"
+    from pipeline.build import model_key
+    assert model_key(cfg, "/r/corpus/synthetic-e6a27b763a") == "1d94e6a093", \
+        "options added since (pretrain.twins) keep the clean model's key while off"
+    assert model_key(load_config(None, ["pretrain.twins=0.25"]), "/r/corpus/synthetic-e6a27b763a") \
+        != "1d94e6a093"
 
 
 def test_broad_config_is_the_miniature():
