@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from rvpt import broad, storage, synthetic
 from rvpt.models import LoadedClip, load_clip, save_model_dir
-from rvpt.pretrain import train_contrastive
+from rvpt.pretrain import random_crops, train_contrastive
 from rvpt.shards import (MANIFEST, Corpus, ReadStats, Sample, ShardError, SplitWriter, labelled,
                          iter_batches, iter_samples, open_corpus, read_classes, write_classes,
                          write_manifest)
@@ -207,7 +207,8 @@ def model_key(cfg: Config, corpus_dir: str) -> str:
     return config_hash({"corpus": storage.name_of(corpus_dir),
                         "model": cfg.model.model_dump(exclude={"trust_torchscript"}),
                         "pretrain": cfg.pretrain.model_dump(  # new options keep old keys when off
-                            exclude={"threads"} | ({"twins"} if not cfg.pretrain.twins else set())),
+                            exclude={"threads"} | {k for k in ("twins", "crop_scale")
+                                                   if not getattr(cfg.pretrain, k)}),
                         "seed": cfg.seed})
 
 
@@ -245,6 +246,8 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
                         require_label=False, shuffle_shards=True, seed=cfg.seed * 1000 + epoch)
         batches = iter_batches(pairs, p.batch_size, shuffle_buffer=p.shuffle_buffer,
                                seed=cfg.seed * 1000 + epoch, drop_last=True)
+        if p.crop_scale:
+            batches = random_crops(batches, p.crop_scale)
         return broad.with_twins(batches, p.twins, seed=cfg.seed * 1000 + epoch) if p.twins \
             else batches
 

@@ -102,6 +102,9 @@ class PretrainConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)
     shuffle_buffer: int = Field(5000, ge=1)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    crop_scale: Optional[tuple[float, float]] = Field(None, description=(
+        "random-resized-crop scale range for pretraining images (null: none), so that zero-shot "
+        "holds on the crops prompt tuning trains on"))
     twins: float = Field(0.0, ge=0, le=0.5, description=(
         "share of every batch replaced by hard-negative twins of its other pairs: the same image "
         "with a small local mark and a caption that says so (rvpt.broad.twin)"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import open_clip
 import torch
@@ -45,6 +45,17 @@ def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * base_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def random_crops(batches: Iterable[dict], scale: tuple[float, float]) -> Iterator[dict]:
+    """Random-resized crops (per image, area share in ``scale``) of batches' uint8 ``image``,
+    drawn from torch's global generator."""
+    from torchvision.transforms import v2
+
+    for batch in batches:
+        size = batch["image"].shape[-1]
+        tf = v2.RandomResizedCrop(size, scale=tuple(scale), antialias=True)
+        yield {**batch, "image": torch.stack([tf(img) for img in batch["image"]])}
 
 
 def train_contrastive(loaded: LoadedClip, epoch_batches: Callable[[int], Iterable[dict]],

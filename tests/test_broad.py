@@ -86,6 +86,22 @@ def test_twins_meet_their_originals_with_one_local_mark_named():
     assert list(broad.with_twins(iter([batch]), 0.0))[0]["text"] == batch["text"]
 
 
+def test_pretraining_crops_resize_back_and_vary():
+    import torch
+
+    from rvpt.pretrain import random_crops
+
+    torch.manual_seed(0)
+    img = torch.arange(32 * 32, dtype=torch.float32).reshape(1, 1, 32, 32).div(4).byte() \
+        .expand(4, 3, 32, 32).contiguous()
+    batch = {"image": img, "text": ["a"] * 4, "label": torch.zeros(4)}
+    out = list(random_crops(iter([batch]), (0.25, 0.5)))[0]
+    assert out["image"].shape == img.shape and out["image"].dtype == torch.uint8
+    assert out["text"] == batch["text"]
+    assert all(not torch.equal(out["image"][i], img[i]) for i in range(4)), "every image is cropped"
+    assert len({out["image"][i].float().mean().item() for i in range(4)}) > 1, "crops differ"
+
+
 def test_issba_secret_is_the_papers_string():
     bits = secret_bits("Stega!!", 100)
     assert bits.shape == (100,)
