@@ -277,3 +277,8 @@ def test_a_changed_default_is_not_read_from_an_older_defend_result(monkeypatch):
     monkeypatch.setattr(EftCLIP, "recipe", {**EftCLIP.recipe, "epochs": 1})
     monkeypatch.setattr(EftCLIP, "Params", EftCLIPParams)
     assert defense_key(cfg, "/models/m") != before
+    monkeypatch.undo()
+    assert defense_key(cfg, "/models/m") == before
+    import rvpt.resistivity
+    monkeypatch.setattr("pipeline.defend.PR_VERSION", rvpt.resistivity.VERSION + 1)
+    assert defense_key(cfg, "/models/m") != before, "a changed PR definition runs again too"
