@@ -109,6 +109,12 @@ class PretrainConfig(_Strict):
         "share of every batch replaced by hard-negative twins of its other pairs: the same image "
         "with a small local mark and a caption that says so (rvpt.broad.twin)"))
 
+    @model_validator(mode="after")
+    def _crop_scale_is_a_range(self):
+        if self.crop_scale is not None and not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale {list(self.crop_scale)}: need 0 < low <= high <= 1")
+        return self
+
 
 class EvalConfig(_Strict):
     batch_size: int = Field(256, ge=1)

@@ -13,6 +13,8 @@ def test_default_config_loads_and_matches_models():
     from pipeline.build import model_key
     assert model_key(cfg, "/r/corpus/synthetic-e6a27b763a") == "1d94e6a093", \
         "options added since (pretrain.twins) keep the clean model's key while off"
+    with pytest.raises(ConfigError, match="crop_scale"):
+        load_config(None, ["pretrain.crop_scale=[0.8,0.2]"])
     for on in ("pretrain.twins=0.25", "pretrain.crop_scale=[0.3,1.0]"):
         assert model_key(load_config(None, [on]), "/r/corpus/synthetic-e6a27b763a") != "1d94e6a093"
 
