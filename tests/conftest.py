@@ -50,6 +50,16 @@ def run_job(script: str, *args: str, cwd: Path = REPO, timeout: int = 600):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` imported as a module (benchmarks/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 SMOKE = ["--config", "configs/smoke.yaml"]
 
 

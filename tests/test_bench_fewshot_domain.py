@@ -1,27 +1,18 @@
 """benchmarks/bench_fewshot_domain.py at the smoke size: CA before and after VPT on the shapes task
 and on its shifted domain, each trained on its own few-shot split."""
-import importlib.util
 import json
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 from pipeline import backdoor, build
 from pipeline.config import load_config
 
 
-def _bench():
-    path = REPO / "benchmarks" / "bench_fewshot_domain.py"
-    spec = importlib.util.spec_from_file_location("bench_fewshot_domain", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fewshot_domain_smoke(smoke_root, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    bench = _bench()
+    bench = load_benchmark("bench_fewshot_domain")
     threads = torch.get_num_threads()
     out = tmp_path / "domains.json"
     over = [f"paths.root={smoke_root}"]
@@ -46,4 +37,4 @@ def test_fewshot_domain_smoke(smoke_root, tmp_path, monkeypatch):
                                         split=r["test"])
         assert r["ca_before"] == zs["ca"] and r["n_test"] == zs["counts"]["n"] == 6 * 8
         assert r["shots"] == 6 * 4  # defense.train.shots per class
-        assert 0.0 <= r["ca_after"] <= 1.0 and r["train_s"] > 0 and "loss" in r["last_epoch"]
+        assert 0.0 <= r["ca_after"] <= 1.0 and r["train_s"] >= 0 and "loss" in r["last_epoch"]

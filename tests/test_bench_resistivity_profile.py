@@ -1,26 +1,17 @@
 """benchmarks/bench_resistivity_profile.py at the smoke size: per-block PR of the clean CLIP and of a
 supervised ViT for the four perturbations, the supervised model trained, cached and reused."""
-import importlib.util
 import json
 
 import torch
 
-from conftest import REPO
+from conftest import REPO, load_benchmark
 
 PERTURBATIONS = ("noise", "blur", "jitter", "flip")
 
 
-def _bench():
-    path = REPO / "benchmarks" / "bench_resistivity_profile.py"
-    spec = importlib.util.spec_from_file_location("bench_resistivity_profile", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_resistivity_profile_smoke(smoke_root, tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    bench = _bench()
+    bench = load_benchmark("bench_resistivity_profile")
     threads = torch.get_num_threads()
     out = tmp_path / "pr.json"
     argv = ["--config", "configs/smoke.yaml", f"paths.root={smoke_root}", "--sup-epochs", "1",
