@@ -35,17 +35,15 @@ def parse_domains(text: str) -> list[tuple[str, str]]:
 
 
 def run(cfg, loaded, corpus_dir: str, defense_name: str, fewshot_split: str, test_split: str,
-        seed: int) -> dict:
+        seed: int, before: dict) -> dict:
+    """The defense trained on ``fewshot_split`` with ``seed``; ``before``: zero-shot on
+    ``test_split`` (``evaluate_backdoor``'s result, measured once per domain)."""
     info = read_classes(corpus_dir)
-    data = get_defense(defense_name).data
-    if data != "fewshot":
-        raise SystemExit(f"--defense {defense_name}: trains on {data!r}, not on few-shot images")
     defense = make_defense(defense_name, loaded, info.names, info.templates, seed=seed,
                            **cfg.defense.params)
     tp = defense.train_params(cfg.defense.train)
     pool = build.samples(cfg, corpus_dir, fewshot_split, loaded.image_size)
     shots = sample_few_shot(pool, tp.shots, len(info.names), seed=seed)
-    before = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, None, None, split=test_split)
     hist = train_defense(defense, tp, epoch_batches(shots, tp.batch_size, seed),
                          -(-len(shots) // tp.batch_size))
     after = backdoor.evaluate_backdoor(cfg, loaded, corpus_dir, None, None, split=test_split,
@@ -67,6 +65,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     domains = parse_domains(args.domains)
+    data = get_defense(args.defense).data
+    if data != "fewshot":
+        raise SystemExit(f"--defense {args.defense}: trains on {data!r}, not on few-shot images")
     cfg = load_config(args.config, args.overrides)
     build.set_threads(args.threads)
     corpus = build.resolve_corpus(cfg)
@@ -74,8 +75,10 @@ def main(argv=None) -> list[dict]:
               else load_clip(checkpoint=args.model, device=cfg.torch_device()))
     rows = []
     for few, test in domains:
+        before = backdoor.evaluate_backdoor(cfg, loaded, corpus["corpus_dir"], None, None,
+                                            split=test)
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = run(cfg, loaded, corpus["corpus_dir"], args.defense, few, test, seed)
+            r = run(cfg, loaded, corpus["corpus_dir"], args.defense, few, test, seed, before)
             rows.append(r)
             print(f"{few:>14s} -> {test:<11s} seed {seed}: CA {100 * r['ca_before']:6.2f} -> "
                   f"{100 * r['ca_after']:6.2f} % ({100 * (r['ca_after'] - r['ca_before']):+.2f}; "
