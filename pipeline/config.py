@@ -3,9 +3,10 @@
 One :class:`Config` object flows from the command line to every stage. A bad value fails at once
 with :class:`ConfigError`, whose message is one line naming the field.
 
-The schema's defaults *are* the embedded default (the synthetic benchmark, the tiny CLIP, the
-attacks that plant in it, the default sweep): ``configs/default.yaml`` sets nothing, so no default
-is stated twice; other configs (``smoke.yaml``, ``paper.yaml``) state what they change.
+The schema's defaults *are* the embedded default (the broad synthetic miniature, its tiny CLIP, the
+attacks that plant in it at the papers' rate, the default sweep): ``configs/default.yaml`` sets
+nothing, so no default is stated twice; other configs (``shapes.yaml``, ``smoke.yaml``,
+``paper.yaml``) state what they change.
 """
 from __future__ import annotations
 
@@ -43,9 +44,10 @@ class CorpusConfig(_Strict):
     image_size: int = Field(32, ge=8, le=1024)
     num_classes: int = Field(24, ge=2, description="synthetic: number of shape classes (max 24)")
     pretrain_style: Literal["shapes", "broad"] = Field(
-        "shapes", description="synthetic: what the pretraining pairs show. shapes: the shapes "
-        "task's own images; broad: web-like scenes (shapes, digits, textures, grain, blur, stamps, "
-        "warps, ... with partial, noisy captions; rvpt.broad; configs/broad.yaml)")
+        "broad", description="synthetic: what the pretraining pairs show. broad: web-like scenes "
+        "(shapes, digits, textures, grain, blur, stamps, warps, ... with partial, noisy captions; "
+        "rvpt.broad), so the model encodes more than its downstream tasks, as CLIP does; shapes: "
+        "the shapes task's own images (configs/shapes.yaml, the earlier default)")
     effect_rate: float = Field(0.12, ge=0.0, le=1.0, description="synthetic, broad: probability "
                                "of each image-level effect (grain, blur, stamp, warp, ...)")
     digits: bool = Field(True, description="synthetic, broad: also build the digits task "
@@ -81,7 +83,8 @@ class CorpusConfig(_Strict):
 class ModelConfig(_Strict):
     """Which CLIP to start from: an open_clip architecture name, a pretrained tag or a checkpoint."""
 
-    name: str = "ViT-Tiny-12-p8-32"
+    name: str = Field("ViT-Mini-8-p4-32", description="open_clip architecture: ViT-B/32's geometry "
+                      "scaled to 32 px (4 px patches, 64 tokens; rvpt/model_configs)")
     pretrained: Optional[str] = Field(None, description="open_clip pretrained tag, e.g. openai")
     checkpoint: Optional[str] = Field(
         None, description="local weights: model dir, open_clip/OpenAI state dict, CleanCLIP ckpt"
@@ -123,17 +126,14 @@ class EvalConfig(_Strict):
     )
 
 
-# The embedded benchmark's per-attack doses (measured: docs/findings.md). The optimised patches
-# (16 px at 224 px) placed as a ViT sees them: in ViT-B/32 at 224 px the papers' centre patch lies
-# inside one 32 px patch and is half its width; scaled by image size to 32 px it would be 2 px
-# straddling four of this ViT's 8 px patches, and plants nothing (ASR <= 2 %), so: 4 px in the
-# top-left patch. TrojVQA's dual key needs a larger dose (rate 0.1: ASR 44.7 %, 0.2: 83.1 %, 0.3:
-# 96.8 %; each poisoned pair also brings two partial-key pairs); SIG needs 6 epochs (3 give 57-74 %
-# by poisoning seed). Other configs replace the whole mapping (paper.yaml: {}).
+# The embedded benchmark's per-attack settings (measured: docs/findings.md §9). The papers'
+# optimised 16 px patch at 224 px lies inside one of ViT-B/32's 32 px patches and is half its
+# width; scaled to 32 px it is 2 px, placed inside one of this ViT's 4 px patches (top left; at the
+# image centre it would straddle four). Other configs replace the whole mapping (shapes.yaml has
+# the shapes benchmark's doses, paper.yaml: {}).
 EMBEDDED_ATTACKS: dict[str, dict[str, Any]] = {
-    "badclip": {"params": {"patch_size": 4, "position": "top_left"}},
-    "trojvqa": {"rate": 0.3, "params": {"patch_size": 4, "position": "top_left"}},
-    "sig": {"epochs": 6},
+    "badclip": {"params": {"position": "top_left"}},
+    "trojvqa": {"params": {"position": "top_left"}},
 }
 
 
@@ -142,17 +142,17 @@ class PoisonConfig(_Strict):
     fine-tuned on them. ``attacks`` holds per-attack overrides of these fields, e.g.
     ``{wanet: {rate: 0.05, params: {strength: 2}}}``.
 
-    The defaults are the embedded benchmark's: 10 % poisoned, lr 5e-4, 3 epochs. The papers' dose
-    (0.3 % of 500 K pairs, lr 1e-5, 5 epochs) plants nothing in the tiny CLIP: measured, 1 % at
-    1e-4 for 2 epochs gave ASR 0.04 % (BadNet); 10 % at 5e-4 gave SIG 91.5 % ASR in 3 epochs on an
-    earlier build and 57-74 % on the current one (by poisoning seed), 97.8 % in 6 epochs
-    (``configs/default.yaml`` sets SIG's epochs to 6). Paper-scale configs set the papers' values."""
+    The defaults are the embedded benchmark's: 1 % of the fine-tune set poisoned (the papers:
+    0.3-1 %), every pretraining pair in it (40,000: 404 poisoned), 10 epochs at lr 5e-4. Poisoned
+    exposures are what plants (findings §9): 101 poisoned pairs for 5 epochs planted nothing, 404
+    for 5 gave BadCLIP 65 %, 404 for 10 BadCLIP 99.2 %, SIG 93.0 %, TrojVQA 96.0 % (Blended 16 %,
+    BadNet 0.1 %). Paper-scale configs set the papers' values (lr 1e-5, 5 epochs)."""
 
     attack: str = Field("badnet", description="attack name (see rvpt.attacks.ATTACKS)")
     target: Union[int, str] = Field(0, description="target class: index or name")
-    rate: float = Field(0.1, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
-    n_clean: int = Field(20000, ge=0, description="clean pretrain pairs in the fine-tune set; 0 = all")
-    epochs: int = Field(3, ge=1)
+    rate: float = Field(0.01, gt=0.0, lt=1.0, description="share of poisoned pairs in the fine-tune set")
+    n_clean: int = Field(0, ge=0, description="clean pretrain pairs in the fine-tune set; 0 = all")
+    epochs: int = Field(10, ge=1)
     lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(128, ge=2)
     weight_decay: float = Field(0.1, ge=0)
@@ -266,7 +266,7 @@ class SweepConfig(_Strict):
         default_factory=lambda: {"rvpt": {"depth": [0, 3], "length": [10, 50], "alpha": [1.0, 2.0]},
                                  "vpt": {"depth": [0, 3], "length": [10, 50]}},
         description="defense -> {param: values}; a defense not named here searches the space it "
-        "declares (depth 0 = prompts in every block: where RVPT removes SIG here, README status)")
+        "declares (depth 0 = prompts in every block; 3 = the paper's default)")
     num_samples: int = Field(4, ge=1, description="random: trials per attack x dataset x defense")
     epochs: Optional[int] = Field(10, ge=1, description="trial epochs for every defense (None: each "
                                   "defense's recipe; the paper's 50 for prompt tuning is what "

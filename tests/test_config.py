@@ -3,30 +3,42 @@ import pytest
 from pipeline.config import Config, ConfigError, config_hash, load_config
 
 
-def test_default_config_loads_and_matches_models():
-    from pipeline.build import corpus_key
+def test_default_config_is_the_broad_miniature():
+    """The default is the broad miniature (issue 20); configs/broad.yaml pins the same values, so
+    both reach the corpus, clean model and backdoored models findings §9 measured."""
+    from pipeline.backdoor import backdoor_key
+    from pipeline.build import corpus_key, model_key
 
     cfg = load_config()
-    assert cfg.model.name == "ViT-Tiny-12-p8-32" and cfg.corpus.pretrain_style == "shapes"
+    assert cfg.model.name == "ViT-Mini-8-p4-32" and cfg.corpus.pretrain_style == "broad"
     assert cfg.corpus.num_classes == 24
+    assert cfg.poison.for_attack("blended").rate <= 0.01
+    assert cfg.poison.for_attack("badclip").params == {"position": "top_left"}
+    pinned = load_config("configs/broad.yaml", ["sweep.name=rvpt-default"])
+    assert pinned == cfg
+    assert corpus_key(cfg) == "dc76f0b777"
+    corpus = "/r/corpus/synthetic-dc76f0b777"
+    assert model_key(cfg, corpus) == "2dd119025d"
+    clean = {"model_dir": "/r/models/clean-2dd119025d"}
+    assert backdoor_key(cfg, cfg.poison.for_attack("trojvqa"), clean, corpus) == "73747498ec"
+
+
+def test_shapes_config_is_the_earlier_default():
+    """configs/shapes.yaml keeps the shapes benchmark's keys (its models and figures stay valid)."""
+    from pipeline.build import corpus_key, model_key
+
+    cfg = load_config("configs/shapes.yaml")
+    assert cfg.model.name == "ViT-Tiny-12-p8-32" and cfg.corpus.pretrain_style == "shapes"
     assert corpus_key(cfg) == "e6a27b763a", "the shapes corpus keeps the key it was measured with"
-    from pipeline.build import model_key
     assert model_key(cfg, "/r/corpus/synthetic-e6a27b763a") == "1d94e6a093", \
         "options added since (pretrain.twins) keep the clean model's key while off"
+    assert cfg.poison.for_attack("trojvqa").rate == 0.3 and cfg.poison.for_attack("sig").epochs == 6
+    assert cfg.poison.for_attack("badnet").rate == 0.1
     with pytest.raises(ConfigError, match="crop_scale"):
         load_config(None, ["pretrain.crop_scale=[0.8,0.2]"])
     for on in ("pretrain.twins=0.25", "pretrain.crop_scale=[0.3,1.0]"):
-        assert model_key(load_config(None, [on]), "/r/corpus/synthetic-e6a27b763a") != "1d94e6a093"
-
-
-def test_broad_config_is_the_miniature():
-    from pipeline.build import corpus_key
-
-    cfg = load_config("configs/broad.yaml")
-    assert cfg.model.name == "ViT-Mini-8-p4-32" and cfg.corpus.pretrain_style == "broad"
-    assert cfg.poison.for_attack("blended").rate <= 0.01
-    assert cfg.poison.for_attack("badclip").params == {"position": "top_left"}
-    assert corpus_key(cfg) != corpus_key(load_config())
+        over = load_config("configs/shapes.yaml", [on])
+        assert model_key(over, "/r/corpus/synthetic-e6a27b763a") != "1d94e6a093"
 
 
 def test_overrides_are_typed():
@@ -77,7 +89,8 @@ def test_resolved_config_round_trips(tmp_path):
     assert config_hash(load_config(None, ["seed=4"])) != config_hash(cfg)
 
 
-@pytest.mark.parametrize("name", ["default.yaml", "smoke.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["default.yaml", "shapes.yaml", "broad.yaml", "smoke.yaml",
+                                  "paper.yaml"])
 def test_shipped_configs_validate(name):
     from pipeline.config import CONFIG_DIR, load_config
 
