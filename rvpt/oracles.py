@@ -9,7 +9,7 @@ and returns, for each image, the candidate object names it finds there (EftCLIP 
 names CLIP predicts). Two kinds:
 
 - :class:`GroundTruthOracle`: the data's own ground truth (``meta["objects"]``, or the synthetic
-  generator's ``meta["class"]``) — an ideal segmenter — with ``noise``: each true object is
+  generators' ``meta["class"]``, none in the broad generator's textures) — an ideal segmenter — with ``noise``: each true object is
   missed, and an absent candidate invented, at that rate (seeded per image), so a defense's
   dependence on oracle quality can be measured.
 - :class:`SegmenterOracle`: adapts a text-prompted segmentation model (FastSAM, SAM with a text
@@ -47,6 +47,8 @@ def true_objects(meta: dict) -> set[str]:
         return {str(o) for o in objs}
     if isinstance(meta, dict) and isinstance(meta.get("class"), str):
         return {meta["class"]}
+    if isinstance(meta, dict) and meta.get("content") == "texture":
+        return set()  # the broad generator's scene of a texture alone (rvpt.broad): no object
     raise OracleError("the ground-truth oracle needs each pair's objects in its metadata "
                       "('objects' or the synthetic generator's 'class'); for other data use a "
                       "segmentation oracle (eftclip's oracle='package.module:function')")

@@ -216,6 +216,20 @@ def test_the_oracle_accepts_a_users_segmentation_callable(patch_backdoor):
         make_oracle("no_such_module:segment")
     with pytest.raises(OracleError, match="ground-truth oracle needs"):
         make_oracle("ground_truth")(images, [["a", "b"]] * 2, [{}, {}])
+    # the broad corpus's pretraining scenes (the default's pair set): shapes and digits name their
+    # class, a texture alone holds no object
+    from rvpt import broad
+    metas = {}
+    for i in range(200):
+        m = broad.render_pretrain(0, i, image_size=32, num_classes=24, effect_rate=0.12).meta
+        metas.setdefault(m["content"], m)
+        if len(metas) == 3:
+            break
+    assert set(metas) == {"shapes", "digit", "texture"}
+    kinds = [metas["shapes"], metas["digit"], metas["texture"]]
+    cands = [[m.get("class", "circle"), "star"] for m in kinds]
+    found = make_oracle("ground_truth")(torch.zeros(3, 3, 32, 32), cands, kinds)
+    assert found == [{kinds[0]["class"]}, {kinds[1]["class"]}, set()]
 
     loaded, attack, names = patch_backdoor
     eft = make_defense("eftclip", loaded, names, ["a photo of a {}."],
