@@ -9,9 +9,9 @@ and returns, for each image, the candidate object names it finds there (EftCLIP 
 names CLIP predicts). Two kinds:
 
 - :class:`GroundTruthOracle`: the data's own ground truth (``meta["objects"]``, or the synthetic
-  generators' ``meta["class"]``, none in the broad generator's textures) — an ideal segmenter — with ``noise``: each true object is
-  missed, and an absent candidate invented, at that rate (seeded per image), so a defense's
-  dependence on oracle quality can be measured.
+  generators' ``meta["class"]``, none in the broad generator's textures) — an ideal segmenter —
+  with ``noise``: each true object is missed, and an absent candidate invented, at that rate
+  (seeded per image), so a defense's dependence on oracle quality can be measured.
 - :class:`SegmenterOracle`: adapts a text-prompted segmentation model (FastSAM, SAM with a text
   grounder, ...) that the user supplies as a callable::
 
