@@ -18,8 +18,8 @@ import torch
 from rvpt import models as M
 
 MICRO = "ViT-Micro-4-p8-32"
-OURS = ["ViT-Micro-4-p8-32", "ViT-Mini-8-p4-32", "ViT-Tiny-12-p8-32", "ViT-Tiny-12-p8-64",
-        "ViT-W192-12-p8-32"]
+OURS = ["ViT-Micro-4-p8-32", "ViT-Mini-8-p4-32", "ViT-Mini-8-p8-64", "ViT-Tiny-12-p8-32",
+        "ViT-Tiny-12-p8-64", "ViT-W192-12-p8-32"]
 TEXTS = ["a photo of a cat", "a photo of a dog", "trigger"]
 
 
