@@ -4,7 +4,7 @@ poisoned pairs and follow how the poisoned training images move towards the targ
     .venv/bin/python benchmarks/bench_backdoor_learning.py [--attack badnet] [--params '{}']
         [--per-batch 8] [--batch 128] [--lr 1e-3] [--steps 300] [--every 50]
         [--loss clip|ce|detect] [--ce-scale 100] [--freeze-text] [--from-scratch] [--warmup 0]
-        [--cosine] [--clean 10000] [--threads 2] [--out FILE] [key.sub=value ...]
+        [--cosine] [--sources 1000] [--clean 10000] [--threads 2] [--out FILE] [key.sub=value ...]
 
 Uses the corpus and clean model of the config (built when missing, as every job does). Poisoned
 pairs are non-target pretrain images (beyond the clean pool) with the trigger applied by the
@@ -58,6 +58,8 @@ def main():
     ap.add_argument("--from-scratch", action="store_true")
     ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps")
     ap.add_argument("--cosine", action="store_true", help="cosine decay over --steps")
+    ap.add_argument("--sources", type=int, default=1000, help=(
+        "distinct poisoned training images (each batch draws --per-batch of them)"))
     ap.add_argument("--clean", type=int, default=10000, help="clean pretrain pairs to draw from (fewer if the split is smaller)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out")
@@ -76,12 +78,14 @@ def main():
     target = target_index(cfg.poison.target, info.names)
     attack = make_attack(args.attack, loaded.image_size, seed=cfg.seed, **json.loads(args.params))
     n_clean = args.clean
+    reserve = args.sources + args.sources // 5  # room for the target-class images left out
     pool = list(itertools.islice(iter_samples(split_urls(cdir, "pretrain"), loaded.image_size),
-                                 n_clean + 1200))
-    if len(pool) <= 1200:
-        sys.exit(f"the pretrain split has only {len(pool)} samples; the probe needs > 1200")
-    # the last 1,200 images are the poison source, never used clean
-    clean, src = pool[:-1200], [s for s in pool[-1200:] if s.label != target][:1000]
+                                 n_clean + reserve))
+    if len(pool) <= reserve:
+        sys.exit(f"the pretrain split has only {len(pool)} samples; the probe needs > {reserve}")
+    # the last `reserve` images are the poison source, never used clean
+    clean = pool[:-reserve]
+    src = [s for s in pool[-reserve:] if s.label != target][:args.sources]
     x = torch.stack([s.image for s in src]).float().div(255)
     xp = trigger(attack, x, [s.key for s in src])
     dev = loaded.device
