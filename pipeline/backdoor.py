@@ -136,7 +136,8 @@ def build_backdoored(cfg: Config, attack_name: str, corpus: dict, clean_model: d
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     hist = train_contrastive(loaded, epoch_batches, pc.epochs, steps_per_epoch, pc.lr,
-                             pc.weight_decay, pc.warmup_steps, progress=on_step)
+                             pc.weight_decay, pc.warmup_steps, progress=on_step,
+                             compile=cfg.pretrain.compile)
     bar.close()
     wall = time.perf_counter() - start
     n_partial = sum(1 for s in poisoned if not s.meta.get("poisoned", True))

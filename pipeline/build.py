@@ -207,7 +207,7 @@ def model_key(cfg: Config, corpus_dir: str) -> str:
     return config_hash({"corpus": storage.name_of(corpus_dir),
                         "model": cfg.model.model_dump(exclude={"trust_torchscript"}),
                         "pretrain": cfg.pretrain.model_dump(  # new options keep old keys when off
-                            exclude={"threads"} | {k for k in ("twins", "crop_scale")
+                            exclude={"threads", "compile"} | {k for k in ("twins", "crop_scale")
                                                    if not getattr(cfg.pretrain, k)}),
                         "seed": cfg.seed})
 
@@ -258,7 +258,7 @@ def clean_model(cfg: Config, corpus: dict, force: bool = False) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
     hist = train_contrastive(loaded, epoch_batches, p.epochs, steps_per_epoch, p.lr,
-                             p.weight_decay, p.warmup_steps, progress=on_step)
+                             p.weight_decay, p.warmup_steps, progress=on_step, compile=p.compile)
     bar.close()
     summary = {"model_dir": out, "model": m.name, "trained": True,
                "pretrain_wall_s": round(hist.seconds, 1), "samples_per_s": round(hist.samples_per_s, 1),

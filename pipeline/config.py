@@ -105,6 +105,11 @@ class PretrainConfig(_Strict):
     warmup_steps: int = Field(100, ge=0)
     shuffle_buffer: int = Field(5000, ge=1)
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    compile: bool = Field(False, description=(
+        "torch.compile the model in the contrastive loop (pretraining and the backdoor factory): "
+        "about a minute of compilation, then 1.47x the eager step on the 2-core CPU "
+        "(benchmarks/bench_pretrain_step.py); like threads, it changes only floating-point order "
+        "and is not part of any cache key"))
     crop_scale: Optional[tuple[float, float]] = Field(None, description=(
         "random-resized-crop scale range for pretraining images (null: none), so that zero-shot "
         "holds on the crops prompt tuning trains on"))

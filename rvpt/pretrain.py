@@ -60,16 +60,18 @@ def random_crops(batches: Iterable[dict], scale: tuple[float, float]) -> Iterato
 
 def train_contrastive(loaded: LoadedClip, epoch_batches: Callable[[int], Iterable[dict]],
                       epochs: int, steps_per_epoch: int, lr: float, weight_decay: float = 0.1,
-                      warmup_steps: int = 0, progress: Optional[Callable[[int, int, float], None]] = None
-                      ) -> TrainHistory:
+                      warmup_steps: int = 0, progress: Optional[Callable[[int, int, float], None]] = None,
+                      compile: bool = False) -> TrainHistory:
     """Train ``loaded.model`` with the CLIP loss.
 
     ``epoch_batches(epoch)`` yields batches with ``image`` (uint8 [B,3,H,W]) and ``text`` (captions).
     ``steps_per_epoch`` sizes the cosine schedule. ``progress(step, total, loss)`` is called after
-    every step.
+    every step. ``compile`` runs the forward pass through ``torch.compile`` (the weights stay
+    ``loaded.model``'s; batches of one shape compile once).
     """
     model = loaded.model
     model.train()
+    forward = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
     loss_fn = open_clip.ClipLoss()
     total = max(1, epochs * steps_per_epoch)
@@ -83,7 +85,7 @@ def train_contrastive(loaded: LoadedClip, epoch_batches: Callable[[int], Iterabl
                 g["lr"] = cosine_lr(step, total, lr, warmup_steps)
             images = loaded.normalize(batch["image"].float().div(255))
             texts = loaded.tokenizer(batch["text"]).to(loaded.device)
-            img_f, txt_f, scale = model(images, texts)[:3]
+            img_f, txt_f, scale = forward(images, texts)[:3]
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()

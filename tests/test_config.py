@@ -21,6 +21,9 @@ def test_default_config_is_the_broad_miniature():
     assert model_key(cfg, corpus) == "2dd119025d"
     clean = {"model_dir": "/r/models/clean-2dd119025d"}
     assert backdoor_key(cfg, cfg.poison.for_attack("trojvqa"), clean, corpus) == "73747498ec"
+    machine = load_config(None, ["pretrain.compile=true", "pretrain.threads=1"])
+    assert model_key(machine, corpus) == "2dd119025d", "how the loop runs is not part of the key"
+    assert backdoor_key(machine, machine.poison.for_attack("trojvqa"), clean, corpus) == "73747498ec"
 
 
 def test_shapes_config_is_the_earlier_default():
