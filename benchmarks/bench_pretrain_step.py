@@ -1,63 +1,51 @@
-"""What one contrastive training step costs, and what torch already offers to make it cheaper.
+"""What one step of the contrastive loop costs, and what torch already offers to make it cheaper.
 
     .venv/bin/python benchmarks/bench_pretrain_step.py [--model ViT-Mini-8-p4-32] [--batch 128]
         [--steps 30] [--warmup 5] [--modes eager,compile,bf16,compile-bf16] [--threads 0] [--out FILE]
 
-Times the step of :func:`rvpt.pretrain.train_contrastive` (normalise, tokenise, forward, open_clip's
-ClipLoss, backward, AdamW) on random images and fixed captions, so that only the model's cost is
-measured (no decoding). Modes: ``eager`` (the loop as it is), ``compile`` (``torch.compile`` of the
-model, inductor), ``bf16`` (``torch.autocast("cpu", torch.bfloat16)`` around forward and loss, fp32
-weights), ``compile-bf16`` (both). Each mode starts from the same random init; the first ``--warmup``
-steps (compilation included) are not timed, and their wall time is reported apart.
+Runs :func:`rvpt.pretrain.train_contrastive` itself (the loop pretraining and the backdoor factory
+use) on random images and fixed captions, so that only the model's cost is measured (no decoding),
+and times its steps from the loop's progress callback. Modes: ``eager`` (the loop's default),
+``compile`` (its ``compile=True``: ``torch.compile``, inductor; ``pretrain.compile``), ``bf16``
+(the loop under ``torch.autocast("cpu", torch.bfloat16)``, fp32 weights; not an option of the
+pipeline), ``compile-bf16`` (both). Each mode starts from the same random init; the first
+``--warmup`` steps (compilation included) are not timed, and their wall time is reported apart.
 """
 import argparse
+import contextlib
 import json
-import math
 import time
 from pathlib import Path
 
-import open_clip
 import torch
 
 from pipeline import build
 from rvpt.models import load_clip
-from rvpt.pretrain import param_groups
+from rvpt.pretrain import train_contrastive
 
 
 def run(mode: str, args) -> dict:
     torch.manual_seed(0)
     loaded = load_clip(args.model)
-    model = loaded.model
-    model.train()
-    fwd = torch.compile(model) if mode.startswith("compile") else model
-    bf16 = mode.endswith("bf16")
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    loss_fn = open_clip.ClipLoss()
-    size = loaded.image_size
+    size, n = loaded.image_size, args.warmup + args.steps
     images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8)
     words = ["a", "photo", "of", "red", "circle", "square", "grain", "blur", "on", "stripes"]
     texts = [" ".join(words[(i + j) % len(words)] for j in range(4 + i % 8)) for i in range(args.batch)]
+    stamps, losses = [], []
 
-    def step() -> float:
-        x = loaded.normalize(images.float().div(255))
-        t = loaded.tokenizer(texts)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            img_f, txt_f, scale = fwd(x, t)[:3]
-            loss = loss_fn(img_f.float(), txt_f.float(), scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+    def on_step(step, total, loss):
+        stamps.append(time.perf_counter())
+        losses.append(loss)
 
-    t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step()
-    warm_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    losses = [step() for _ in range(args.steps)]
-    s = (time.perf_counter() - t0) / args.steps
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if mode.endswith("bf16") \
+        else contextlib.nullcontext()
+    start = time.perf_counter()
+    with bf16:
+        train_contrastive(loaded, lambda epoch: ({"image": images, "text": texts} for _ in range(n)),
+                          epochs=1, steps_per_epoch=n, lr=1e-3, warmup_steps=args.warmup,
+                          progress=on_step, compile=mode.startswith("compile"))
+    warm_s = stamps[args.warmup - 1] - start if args.warmup else 0.0
+    s = (stamps[-1] - (stamps[args.warmup - 1] if args.warmup else start)) / args.steps
     row = {"mode": mode, "s_per_step": round(s, 4), "samples_per_s": round(args.batch / s, 1),
            "warmup_s": round(warm_s, 1), "last_loss": round(losses[-1], 4)}
     print("  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
