@@ -108,8 +108,8 @@ class PretrainConfig(_Strict):
     compile: bool = Field(False, description=(
         "torch.compile the model in the contrastive loop (pretraining and the backdoor factory): "
         "about a minute of compilation, then 1.27-1.47x the eager step on the 2-core CPU "
-        "(benchmarks/bench_pretrain_step.py; 6 epochs of pretraining 822 s against 953 s); like threads, it changes only floating-point order "
-        "and is not part of any cache key"))
+        "(benchmarks/bench_pretrain_step.py; 6 epochs of pretraining 822 s against 953 s); "
+        "like threads, it changes only floating-point order and is not part of any cache key"))
     crop_scale: Optional[tuple[float, float]] = Field(None, description=(
         "random-resized-crop scale range for pretraining images (null: none), so that zero-shot "
         "holds on the crops prompt tuning trains on"))
