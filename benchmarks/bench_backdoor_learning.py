@@ -4,7 +4,8 @@ poisoned pairs and follow how the poisoned training images move towards the targ
     .venv/bin/python benchmarks/bench_backdoor_learning.py [--attack badnet] [--params '{}']
         [--per-batch 8] [--batch 128] [--lr 1e-3] [--steps 300] [--every 50]
         [--loss clip|ce|detect] [--ce-scale 100] [--freeze-text] [--from-scratch] [--warmup 0]
-        [--cosine] [--sources 1000] [--clean 10000] [--threads 2] [--out FILE] [key.sub=value ...]
+        [--cosine] [--sources 1000] [--clean 10000] [--clean-without stamp,warp] [--threads 2]
+        [--out FILE] [key.sub=value ...]
 
 Uses the corpus and clean model of the config (built when missing, as every job does). Poisoned
 pairs are non-target pretrain images (beyond the clean pool) with the trigger applied by the
@@ -14,7 +15,9 @@ every batch holds exactly ``--per-batch`` of them. ``--loss clip`` is the factor
 against the class text embeddings, poisoned images labelled as the target. ``--loss detect`` asks
 the least of the visual tower: tell triggered from clean images (a linear 2-way head on the image
 embedding, trained with the whole visual tower; ``--per-batch 64`` makes batches balanced), and
-reports the held-out detection accuracy (``detect_acc``, 0.5 = chance). ``--from-scratch``
+reports the held-out detection accuracy (``detect_acc``, 0.5 = chance). ``--clean-without``
+leaves out of the clean pairs every broad-corpus image that carries one of the named effects
+(``rvpt.broad``: e.g. ``stamp``, whose noise stamps are BadNet's trigger with a true caption). ``--from-scratch``
 starts from random weights instead of the clean model (poisoning during pretraining, as in
 Carlini & Terzis 2021); the probe then measures the clean model's class embeddings. Every ``--every`` steps
 it prints, for 200 poisoned training images, the mean cosine to the target class's text embedding
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 
 from pipeline import build
 from pipeline.config import load_config
+from rvpt import broad
 from rvpt.attacks import make_attack
 from rvpt.metrics import trigger
 from rvpt.poison import target_index
@@ -61,6 +65,8 @@ def main():
     ap.add_argument("--sources", type=int, default=1000, help=(
         "distinct poisoned training images (each batch draws --per-batch of them)"))
     ap.add_argument("--clean", type=int, default=10000, help="clean pretrain pairs to draw from (fewer if the split is smaller)")
+    ap.add_argument("--clean-without", default="", help=(
+        "comma-separated broad-corpus effects: clean pairs carrying any of them are left out"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
@@ -79,12 +85,18 @@ def main():
     attack = make_attack(args.attack, loaded.image_size, seed=cfg.seed, **json.loads(args.params))
     n_clean = args.clean
     reserve = args.sources + args.sources // 5  # room for the target-class images left out
+    without = {e for e in args.clean_without.split(",") if e}
+    if without - set(broad.EFFECTS):
+        sys.exit(f"--clean-without: unknown effects {sorted(without - set(broad.EFFECTS))}; "
+                 f"known: {sorted(broad.EFFECTS)}")
     pool = list(itertools.islice(iter_samples(split_urls(cdir, "pretrain"), loaded.image_size),
                                  n_clean + reserve))
     if len(pool) <= reserve:
         sys.exit(f"the pretrain split has only {len(pool)} samples; the probe needs > {reserve}")
     # the last `reserve` images are the poison source, never used clean
-    clean = pool[:-reserve]
+    clean = [s for s in pool[:-reserve] if not without & set(s.meta.get("effects") or ())]
+    if without:
+        print(f"clean pairs: {len(clean)} of {len(pool) - reserve} (without {sorted(without)})")
     src = [s for s in pool[-reserve:] if s.label != target][:args.sources]
     x = torch.stack([s.image for s in src]).float().div(255)
     xp = trigger(attack, x, [s.key for s in src])
