@@ -45,9 +45,11 @@ def corpus_key(cfg: Config) -> str:
     c = cfg.corpus.model_dump(exclude={"workers", "path", "kind", "max_image_pixels",
                                        "max_member_mb"})
     if c["pretrain_style"] == "shapes":  # the shapes benchmark keeps the key it always had
-        for name in ("pretrain_style", "effect_rate", "digits"):
+        for name in ("pretrain_style", "effect_rate", "digits", "effect_weights"):
             c.pop(name)
         return config_hash({"generator": 1, **c})
+    if not c["effect_weights"]:  # the default corpus keeps the key it had before the option
+        c.pop("effect_weights")
     return config_hash({"generator": broad.VERSION, **c})  # bump VERSION when rendering changes
 
 
@@ -60,13 +62,15 @@ def _render_chunk(args) -> list:
     for i, lab in zip(indices, labels):
         if domain == "broad":
             s = broad.render_pretrain(seed, i, image_size=kw["image_size"],
-                                      num_classes=kw["num_classes"], effect_rate=kw["effect_rate"])
+                                      num_classes=kw["num_classes"], effect_rate=kw["effect_rate"],
+                                      effect_weights=kw["effect_weights"])
         elif domain == "digits":
             s = broad.render_glyph(seed, split, i, image_size=kw["image_size"], label=lab,
                                    noise=kw["noise"])
         else:
             s = synthetic.render(seed, domain, split, i, label=lab,
-                                 **{k: v for k, v in kw.items() if k != "effect_rate"})
+                                 **{k: v for k, v in kw.items()
+                                    if k not in ("effect_rate", "effect_weights")})
         out.append((s.key, s.png, s.caption, s.label, s.meta))
     return out
 
@@ -95,7 +99,8 @@ def build_synthetic_corpus(cfg: Config, force: bool = False) -> dict:
         return {"corpus_dir": out, "cached": True, **_corpus_counts(open_corpus(out))}
     kw = dict(image_size=c.image_size, num_classes=c.num_classes, clutter=c.clutter, noise=c.noise,
               class_only_captions=c.class_only_captions, typical_color=c.typical_color,
-              bg_contrast=c.bg_contrast, effect_rate=c.effect_rate)
+              bg_contrast=c.bg_contrast, effect_rate=c.effect_rate,
+              effect_weights=dict(c.effect_weights))
     splits: dict = {}
     digit_splits: dict = {}
     total = sum(n for _, _, n in _plan(cfg))

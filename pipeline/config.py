@@ -50,6 +50,10 @@ class CorpusConfig(_Strict):
         "the shapes task's own images (configs/shapes.yaml, the earlier default)")
     effect_rate: float = Field(0.12, ge=0.0, le=1.0, description="synthetic, broad: probability "
                                "of each image-level effect (grain, blur, stamp, warp, ...)")
+    effect_weights: dict[str, float] = Field(
+        default_factory=dict, description="synthetic, broad: per-effect multipliers of "
+        "effect_rate, over rvpt.broad.EFFECT_WEIGHT (0 leaves the effect out, e.g. "
+        "{static: 0}: static is Blended's trigger, uniform noise blended in, resampled per image)")
     digits: bool = Field(True, description="synthetic, broad: also build the digits task "
                          "(<corpus>/digits: fewshot and test splits, 10 classes)")
     n_pretrain: int = Field(40000, ge=0, description="synthetic: image-caption pairs for pretraining")
@@ -77,6 +81,14 @@ class CorpusConfig(_Strict):
             raise ValueError("corpus.path is required when corpus.kind=shards")
         if self.kind == "synthetic" and self.num_classes > 24:
             raise ValueError("num_classes: the synthetic generator has 24 classes at most")
+        if self.effect_weights:
+            from rvpt.broad import EFFECTS
+            unknown = sorted(set(self.effect_weights) - set(EFFECTS))
+            if unknown:
+                raise ValueError(f"effect_weights: unknown effects {unknown}; known: {sorted(EFFECTS)}")
+            negative = sorted(k for k, v in self.effect_weights.items() if v < 0)
+            if negative:
+                raise ValueError(f"effect_weights: weights must be >= 0, got {negative} < 0")
         return self
 
 

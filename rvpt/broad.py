@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
@@ -315,9 +315,12 @@ def _png(arr: np.ndarray) -> bytes:
 
 def render_pretrain(seed: int, index: int, image_size: int = 32,
                     num_classes: int = len(syn.CLASSES), effect_rate: float = 0.12,
-                    mention: float = 0.7, wrong: float = 0.05) -> syn.SyntheticSample:
+                    mention: float = 0.7, wrong: float = 0.05,
+                    effect_weights: Optional[dict] = None) -> syn.SyntheticSample:
     """One broad pretraining pair. ``label`` is the shape class when the image shows shapes of
-    the shapes task (so a supervised model can be trained on the same images), else -1."""
+    the shapes task (so a supervised model can be trained on the same images), else -1.
+    ``effect_weights`` overrides :data:`EFFECT_WEIGHT` per effect (0 leaves it out); the draws
+    of every other effect stay those of the default corpus."""
     rng = np.random.default_rng([seed, 7, index])
     big = image_size * syn.SUPERSAMPLE
     u = rng.random()
@@ -370,8 +373,9 @@ def render_pretrain(seed: int, index: int, image_size: int = 32,
         parts[0] += f" on a {bg_kind} background"
 
     arr = np.asarray(canvas.resize((image_size, image_size), Image.BOX), np.float32)
+    weights = {**EFFECT_WEIGHT, **(effect_weights or {})}
     applied = [name for name in _ORDER
-               if rng.random() < min(1.0, effect_rate * EFFECT_WEIGHT.get(name, 1.0))]
+               if rng.random() < min(1.0, effect_rate * weights.get(name, 1.0))]
     mentions = []
     for name in applied:
         arr, phrases = EFFECTS[name](rng, np.clip(arr, 0, 255))

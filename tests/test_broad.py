@@ -53,6 +53,22 @@ def test_broad_corpus_covers_many_concepts_with_partial_noisy_captions():
     assert any(" in the " in ph for ph in phrases)
 
 
+def test_effect_weights_leave_an_effect_out_and_the_rest_as_it_was():
+    default = [broad.render_pretrain(0, i) for i in range(300)]
+    without = [broad.render_pretrain(0, i, effect_weights={"static": 0}) for i in range(300)]
+    assert sum("static" in s.meta["effects"] for s in default) > 10
+    assert not any("static" in s.meta["effects"] for s in without)
+    # every other image is the same pair; those that had static keep their other effects
+    for d, w in zip(default, without):
+        if "static" not in d.meta["effects"]:
+            assert d.png == w.png and d.caption == w.caption
+        assert w.meta["effects"] == [e for e in d.meta["effects"] if e != "static"]
+    # and an effect can be made more frequent
+    more = [broad.render_pretrain(0, i, effect_weights={"border": 5}) for i in range(300)]
+    assert sum("border" in s.meta["effects"] for s in more) > \
+        2 * sum("border" in s.meta["effects"] for s in default)
+
+
 def test_digits_task_renders_each_class_visibly():
     for label, name in enumerate(broad.GLYPHS):
         s = broad.render_glyph(0, "test", label, label=label)

@@ -24,6 +24,12 @@ def test_default_config_is_the_broad_miniature():
     machine = load_config(None, ["pretrain.compile=true", "pretrain.threads=1"])
     assert model_key(machine, corpus) == "2dd119025d", "how the loop runs is not part of the key"
     assert backdoor_key(machine, machine.poison.for_attack("trojvqa"), clean, corpus) == "73747498ec"
+    # a corpus with an effect left out is another corpus; unknown or negative weights are errors
+    assert corpus_key(load_config(None, ["corpus.effect_weights={static: 0}"])) != "dc76f0b777"
+    with pytest.raises(ConfigError, match="unknown effects"):
+        load_config(None, ["corpus.effect_weights={statik: 0}"])
+    with pytest.raises(ConfigError, match=">= 0"):
+        load_config(None, ["corpus.effect_weights={static: -1}"])
 
 
 def test_shapes_config_is_the_earlier_default():
