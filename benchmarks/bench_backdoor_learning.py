@@ -73,6 +73,10 @@ def main():
     args = ap.parse_args()
     if not 0 < args.per_batch < args.batch:
         sys.exit("--per-batch must be within (0, --batch)")
+    without = {e for e in args.clean_without.split(",") if e}
+    unknown = without - set(broad.EFFECTS)
+    if unknown:  # before anything is built or loaded
+        sys.exit(f"--clean-without: unknown effects {sorted(unknown)}; known: {sorted(broad.EFFECTS)}")
     cfg = load_config(None, args.overrides)
     build.set_threads(args.threads)
     torch.manual_seed(cfg.seed)
@@ -85,10 +89,6 @@ def main():
     attack = make_attack(args.attack, loaded.image_size, seed=cfg.seed, **json.loads(args.params))
     n_clean = args.clean
     reserve = args.sources + args.sources // 5  # room for the target-class images left out
-    without = {e for e in args.clean_without.split(",") if e}
-    if without - set(broad.EFFECTS):
-        sys.exit(f"--clean-without: unknown effects {sorted(without - set(broad.EFFECTS))}; "
-                 f"known: {sorted(broad.EFFECTS)}")
     pool = list(itertools.islice(iter_samples(split_urls(cdir, "pretrain"), loaded.image_size),
                                  n_clean + reserve))
     if len(pool) <= reserve:
