@@ -4,7 +4,7 @@ poisoned pairs and follow how the poisoned training images move towards the targ
     .venv/bin/python benchmarks/bench_backdoor_learning.py [--attack badnet] [--params '{}']
         [--per-batch 8] [--batch 128] [--lr 1e-3] [--steps 300] [--every 50]
         [--loss clip|ce|detect] [--ce-scale 100] [--freeze-text] [--from-scratch] [--warmup 0]
-        [--cosine] [--sources 1000] [--clean 10000] [--clean-without stamp,warp] [--threads 2]
+        [--cosine] [--logit-scale 100] [--sources 1000] [--clean 10000] [--clean-without stamp,warp] [--threads 2]
         [--out FILE] [key.sub=value ...]
 
 Uses the corpus and clean model of the config (built when missing, as every job does). Poisoned
@@ -67,12 +67,16 @@ def main():
     ap.add_argument("--clean", type=int, default=10000, help="clean pretrain pairs to draw from (fewer if the split is smaller)")
     ap.add_argument("--clean-without", default="", help=(
         "comma-separated broad-corpus effects: clean pairs carrying any of them are left out"))
+    ap.add_argument("--logit-scale", type=float, default=None, help=(
+        "set the model's logit scale (exp, 1-100) before fine-tuning; it stays learnable"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     if not 0 < args.per_batch < args.batch:
         sys.exit("--per-batch must be within (0, --batch)")
+    if args.logit_scale is not None and not 1 <= args.logit_scale <= 100:
+        sys.exit("--logit-scale must be within [1, 100] (open_clip clamps it at 100)")
     without = {e for e in args.clean_without.split(",") if e}
     unknown = without - set(broad.EFFECTS)
     if unknown:  # before anything is built or loaded
@@ -111,6 +115,9 @@ def main():
     txp = trigger(attack, tx, [s.key for s in test])
 
     model = loaded.model
+    if args.logit_scale is not None:
+        with torch.no_grad():
+            model.logit_scale.fill_(float(np.log(args.logit_scale)))
     if args.freeze_text:
         for name, p in model.named_parameters():
             if not name.startswith("visual.") and "logit_scale" not in name:
