@@ -9,7 +9,7 @@ triggered (second half). Features per image: quantiles (0.5, 0.9, 0.99, 1) over 
 of its mean local roughness (absolute differences to the right and lower neighbour, summed over
 channels) and of its mean colour disagreement (std over the channels), and the maximum of their
 product; the regression is fitted on the even images and scored on the odd ones (0.5 = invisible).
-Attacks that need fitting against a model (BadCLIP, TrojVQA, ISSBA) are not supported here.
+Attacks fitted against a model first (BadCLIP, TrojVQA, ISSBA) are refused.
 """
 import argparse
 import itertools
@@ -58,7 +58,10 @@ def main():
     samples = list(itertools.islice(iter_samples(split_urls(cdir, args.split), size), args.images))
     if len(samples) < args.images:
         sys.exit(f"split {args.split!r} has only {len(samples)} samples")
-    attack = make_attack(args.attack, size, seed=cfg.seed, **json.loads(args.params))
+    params = json.loads(args.params)
+    attack = make_attack(args.attack, size, seed=cfg.seed, **params)
+    if attack.needs_fit:
+        sys.exit(f"{args.attack} is fitted against a model first; bench_trigger_visibility.py probes it")
     x = torch.stack([s.image for s in samples]).float().div(255)
     half = args.images // 2
     xp = trigger(attack, x[half:], [s.key for s in samples[half:]])
@@ -66,7 +69,7 @@ def main():
     y = np.r_[np.zeros(half), np.ones(len(xp))]
     even = np.arange(len(y)) % 2 == 0
     clf = LogisticRegression(max_iter=5000).fit(X[even], y[even])
-    print(f"{args.attack} {json.loads(args.params)} on {args.split} ({args.images} images): "
+    print(f"{args.attack} {params} on {args.split} ({args.images} images): "
           f"held-out accuracy {clf.score(X[~even], y[~even]):.3f}")
 
 
