@@ -1,3 +1,4 @@
+import json
 import numpy as np
 import pytest
 import torch
@@ -54,3 +55,23 @@ def test_badnet_patch_from_image_file(tmp_path):
 
 def test_default_sizes_scale_from_224():
     assert make_attack("badnet", 224).size == 16 and make_attack("badnet", 32).size == 2
+
+
+def test_saved_attack_with_a_patch_image_loads_back_and_resaves(tmp_path):
+    """The backdoor factory saves the attack beside the poisoned shards and the model: a patch image
+    named by an absolute path travels with it (copied in, named relatively), as load_attack requires."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (2, 2, 3), dtype=np.uint8)).save(tmp_path / "my patch.PNG")
+    a = make_attack("badnet", 32, patch_image=str(tmp_path / "my patch.PNG"))
+    x = torch.rand(3, 3, 32, 32)
+    a.save(tmp_path / "first", target=1)
+    saved = json.loads((tmp_path / "first" / "attack.json").read_text())
+    assert saved["params"]["patch_image"] == "patch_image.png"
+    assert (tmp_path / "first" / "patch_image.png").is_file()
+    b, data = load_attack(tmp_path / "first")
+    assert data["target"] == 1 and torch.equal(a.apply(x, seed=5), b.apply(x, seed=5))
+    b.save(tmp_path / "second")  # a loaded attack saved again (the model directory after the shards)
+    c, _ = load_attack(tmp_path / "second")
+    assert torch.equal(a.apply(x, seed=5), c.apply(x, seed=5))
+    b.save(tmp_path / "first")  # saving onto its own directory keeps the file
+    assert torch.equal(a.apply(x, seed=5), load_attack(tmp_path / "first")[0].apply(x, seed=5))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import operator
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar, Iterable
@@ -110,6 +111,7 @@ class Attack:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         data = {**self.to_json(), **extra}
+        data["params"] = _bundle_files(data["params"], d)
         tensors = self.tensors()
         if tensors:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
@@ -117,6 +119,29 @@ class Attack:
             data["tensors"] = TENSOR_FILE
         (d / ATTACK_FILE).write_text(json.dumps(data, indent=1))
         return d / ATTACK_FILE
+
+
+def _is_file_param(key: str, value: Any) -> bool:
+    """Parameters naming a file (a patch image, ...): load_attack reads them beside attack.json."""
+    return isinstance(value, str) and bool(value) and key.endswith(("_image", "_file"))
+
+
+def _bundle_files(params: dict, directory: Path) -> dict:
+    """``params`` with every file parameter copied into ``directory`` as ``<key><suffix>`` and
+    named by that, so the saved attack.json is self-contained and loads with load_attack (which
+    accepts only names inside its own directory)."""
+    out = dict(params)
+    for key, value in params.items():
+        if _is_file_param(key, value):
+            src = Path(value)
+            name = key + src.suffix.lower()
+            if not src.is_file():
+                raise AttackError(f"params.{key}: {value} is not a file")
+            dst = directory / name
+            if not dst.exists() or src.resolve() != dst.resolve():
+                shutil.copyfile(src, dst)
+            out[key] = name
+    return out
 
 
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 8, 4096
@@ -198,7 +223,7 @@ def load_attack(path: str | Path) -> tuple[Attack, dict]:
         raise AttackError(f"{f}: params must be an object, got {type(params).__name__}")
     params = dict(params)
     for key, value in list(params.items()):  # file parameters: names beside the json, inside its dir
-        if isinstance(value, str) and key.endswith(("_image", "_file")) and value:
+        if _is_file_param(key, value):
             params[key] = str(_inside(f, value, f"params.{key}"))
     try:
         attack = make_attack(data["attack"], data.get("image_size", 32), data.get("seed", 0),
