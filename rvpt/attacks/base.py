@@ -138,7 +138,7 @@ def _bundle_files(params: dict, directory: Path) -> dict:
             if not src.is_file():
                 raise AttackError(f"params.{key}: {value} is not a file")
             dst = directory / name
-            if not dst.exists() or src.resolve() != dst.resolve():
+            if src.resolve() != dst.resolve():  # saving onto its own directory keeps the file
                 shutil.copyfile(src, dst)
             out[key] = name
     return out
