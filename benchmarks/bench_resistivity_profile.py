@@ -1,8 +1,8 @@
 """Per-layer Perturbation Resistivity of a contrastive CLIP vs a supervised ViT (the RVPT paper's Figure 1).
 
     .venv/bin/python benchmarks/bench_resistivity_profile.py [--train-split pretrain] [--sup-epochs 4]
-        [--sup-batch-size 128] [--sup-lr 1e-3] [--sup-weight-decay 0.05] [--pr-images 512]
-        [--threads N] [--plot F.png] [--out F.json] [--config FILE] [key.sub=value ...]
+        [--sup-batch-size 128] [--sup-lr 1e-3] [--sup-weight-decay 0.05] [--sup-augment none|vit]
+        [--pr-images 512] [--threads N] [--plot F.png] [--out F.json] [--config FILE] [key.sub=value ...]
 
 Two image towers of the same open_clip architecture (``model.name``):
 
@@ -10,8 +10,10 @@ Two image towers of the same open_clip architecture (``model.name``):
   its zero-shot clean accuracy (CA) on the test split is printed;
 - **supervised**: the same visual tower from random init, trained with cross-entropy only, through a
   linear head on its output embedding, on the images of ``--train-split`` that carry a class label
-  in [0, num_classes) (AdamW, cosine lr, no augmentation); its test accuracy (argmax of the head) is
-  printed. It is cached under ``<paths.root>/models/supervised-<hash>/`` (safetensors; the hash covers
+  in [0, num_classes) (AdamW, cosine lr; no augmentation, or with ``--sup-augment vit`` the image
+  augmentation supervised ViTs are trained with, torchvision's ViT-B/16 recipe without its label
+  mixing: a random-resized crop of 8-100 % of the area, a horizontal flip and RandAugment, two ops
+  at magnitude 9, drawn per image); its test accuracy (argmax of the head) is printed. It is cached under ``<paths.root>/models/supervised-<hash>/`` (safetensors; the hash covers
   the corpus, the model name, the ``--sup-*`` options and ``seed``), so a second run reuses it.
 
 For each of the paper's four perturbations (Gaussian noise σ 0.001, Gaussian blur kernel 3 with
@@ -34,7 +36,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,10 +58,31 @@ RECIPE = 1  # bump when the training recipe changes, so cached models are not re
 
 # ---------------------------------------------------------------- the supervised ViT
 
+AUGMENTS = ("none", "vit")
+
+
 def sup_options(args: argparse.Namespace, cfg: Config) -> dict:
-    return {"train_split": args.train_split, "epochs": args.sup_epochs,
+    opts = {"train_split": args.train_split, "epochs": args.sup_epochs,
             "batch_size": args.sup_batch_size, "lr": args.sup_lr,
             "weight_decay": args.sup_weight_decay, "shuffle_buffer": cfg.pretrain.shuffle_buffer}
+    if args.sup_augment != "none":  # only then, so models cached before the option keep their key
+        opts["augment"] = args.sup_augment
+    return opts
+
+
+def sup_augmenter(kind: str, image_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-image augmentation of uint8 images [B,3,H,W] (torch's global generator): the identity,
+    or ``vit``: torchvision's supervised ViT-B/16 recipe's image transforms (random-resized crop,
+    scale 0.08-1; horizontal flip; RandAugment, 2 ops, magnitude 9)."""
+    if kind == "none":
+        return lambda x: x
+    if kind != "vit":
+        raise ValueError(f"unknown supervised augmentation {kind!r}; known: {', '.join(AUGMENTS)}")
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
+                     v2.RandomHorizontalFlip(), v2.RandAugment(num_ops=2, magnitude=9)])
+    return lambda x: torch.stack([tf(img) for img in x])
 
 
 def supervised_key(cfg: Config, corpus_dir: str, opts: dict) -> str:
@@ -107,6 +130,7 @@ def train_supervised(cfg: Config, corpus_dir: str, opts: dict, num_classes: int,
     """Train the visual tower + linear head with cross-entropy on the labelled training images."""
     loaded, head = _new_supervised(cfg, num_classes)
     visual = loaded.model.visual
+    augment = sup_augmenter(opts.get("augment", "none"), loaded.image_size)
     split, bs, epochs = opts["train_split"], opts["batch_size"], opts["epochs"]
     n = labelled_count(cfg, corpus_dir, split, loaded.image_size, num_classes)
     if n == 0:
@@ -134,7 +158,7 @@ def train_supervised(cfg: Config, corpus_dir: str, opts: dict, num_classes: int,
         losses = []
         for batch in iter_batches(stream, bs, shuffle_buffer=opts["shuffle_buffer"], seed=seed,
                                   drop_last=drop_last):
-            loss = F.cross_entropy(_logits(loaded, head, batch["image"]),
+            loss = F.cross_entropy(_logits(loaded, head, augment(batch["image"])),
                                    batch["label"].to(loaded.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -281,6 +305,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--sup-batch-size", type=int, default=128)
     ap.add_argument("--sup-lr", type=float, default=1e-3)
     ap.add_argument("--sup-weight-decay", type=float, default=0.05)
+    ap.add_argument("--sup-augment", choices=AUGMENTS, default="none",
+                    help="train the supervised ViT without augmentation or with a supervised ViT "
+                         "recipe's (crop, flip, RandAugment)")
     ap.add_argument("--pr-images", type=int, default=512)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--config")

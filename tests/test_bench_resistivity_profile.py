@@ -48,3 +48,33 @@ def test_resistivity_profile_smoke(smoke_root, tmp_path, monkeypatch):
     for model in ("clip", "supervised"):  # same weights, images and random draws: same numbers
         assert second["models"][model]["pr"] == first["models"][model]["pr"]
     assert second["models"]["supervised"]["test_acc"] == sup["test_acc"]
+
+
+def test_supervised_augmentation():
+    """``--sup-augment vit`` draws a crop, flip and RandAugment per image (uint8 in, uint8 out, same
+    shape), ``none`` is the identity, and the option enters the cache key only when it is set."""
+    import argparse
+
+    from pipeline.config import load_config
+
+    bench = load_benchmark("bench_resistivity_profile")
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    assert bench.sup_augmenter("none", 32)(x) is x
+    torch.manual_seed(0)
+    y = bench.sup_augmenter("vit", 32)(x)
+    assert y.shape == x.shape and y.dtype == torch.uint8
+    changed = [not torch.equal(a, b) for a, b in zip(x, y)]
+    assert sum(changed) >= 6, changed  # per image, not one draw for the batch
+    try:
+        bench.sup_augmenter("mixup", 32)
+        raise AssertionError("an unknown augmentation was accepted")
+    except ValueError as e:
+        assert "mixup" in str(e)
+
+    cfg = load_config(str(REPO / "configs/smoke.yaml"), [])
+    ns = dict(train_split="pretrain", sup_epochs=1, sup_batch_size=32, sup_lr=1e-3,
+              sup_weight_decay=0.05)
+    plain = bench.sup_options(argparse.Namespace(**ns, sup_augment="none"), cfg)
+    vit = bench.sup_options(argparse.Namespace(**ns, sup_augment="vit"), cfg)
+    assert "augment" not in plain and vit["augment"] == "vit"
+    assert bench.supervised_key(cfg, "c", plain) != bench.supervised_key(cfg, "c", vit)
