@@ -13,7 +13,8 @@ Two image towers of the same open_clip architecture (``model.name``):
   in [0, num_classes) (AdamW, cosine lr; no augmentation, or with ``--sup-augment vit`` the image
   augmentation supervised ViTs are trained with, torchvision's ViT-B/16 recipe without its label
   mixing: a random-resized crop of 8-100 % of the area, a horizontal flip and RandAugment, two ops
-  at magnitude 9, drawn per image); its test accuracy (argmax of the head) is printed. It is cached under ``<paths.root>/models/supervised-<hash>/`` (safetensors; the hash covers
+  at magnitude 9, drawn per image); its test accuracy (argmax of the head) is printed. It is
+  cached under ``<paths.root>/models/supervised-<hash>/`` (safetensors; the hash covers
   the corpus, the model name, the ``--sup-*`` options and ``seed``), so a second run reuses it.
 
 For each of the paper's four perturbations (Gaussian noise σ 0.001, Gaussian blur kernel 3 with
